@@ -1,0 +1,121 @@
+"""The control channel: an abstract Unix socket owned by the master.
+
+The socket name (`\\0tprocess:UID:NAME`) is the instance's lock: binding it is
+atomic, so two `start`s at the same moment end with one master, and the kernel
+frees it when the master dies, so nothing goes stale after a `kill -9`. No file
+is created. Clients learn the master's pid from the kernel (SO_PEERCRED), and
+only the same user (or root) is served.
+
+Protocol: the client sends one JSON object and a newline; the master answers
+with one JSON object and closes. `status` is answered at once; `stop` when the
+instance has stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+from typing import Any
+
+MAX_REQUEST = 4096
+
+
+class AlreadyRunning(Exception):
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(pid)
+        self.pid = pid
+
+
+class NotRunning(Exception):
+    pass
+
+
+def address(name: str) -> str:
+    return f"\0tprocess:{os.getuid()}:{name}"
+
+
+def bind(name: str) -> socket.socket:
+    """Take the instance's lock by binding its socket; raise AlreadyRunning.
+
+    Binding alone holds the name; the master calls listen() once it runs, so that
+    SO_PEERCRED names the master and not the command that detached it.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(address(name))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise AlreadyRunning(_holder_pid(name)) from None
+        raise
+    return sock
+
+
+def listen(sock: socket.socket) -> None:
+    """Called by the master itself: SO_PEERCRED names the process that listened."""
+    sock.listen(128)
+    sock.setblocking(False)
+
+
+def _holder_pid(name: str) -> int | None:
+    try:
+        with connect(name, timeout=2.0) as sock:
+            return peer_pid(sock)
+    except (NotRunning, OSError):
+        return None
+
+
+def peer_pid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[0]
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def connect(name: str, timeout: float = 5.0) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address(name))
+    except (ConnectionRefusedError, FileNotFoundError):
+        sock.close()
+        raise NotRunning(name) from None
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+def receive(sock: socket.socket) -> dict[str, Any]:
+    """Read one JSON reply until the master closes the connection."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    if not chunks:
+        raise ConnectionError("the master closed the connection without answering")
+    return json.loads(b"".join(chunks))
+
+
+def request(name: str, message: dict[str, Any], timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+    """Send one request to the running master; return (master pid, reply)."""
+    with connect(name, timeout) as sock:
+        pid = peer_pid(sock)
+        send(sock, message)
+        return pid, receive(sock)
+
+
+def trusted(sock: socket.socket) -> bool:
+    """Serve only our own user, or root."""
+    return peer_uid(sock) in (os.getuid(), 0)

@@ -1,0 +1,136 @@
+"""Resolving 'FILE.py:function' and 'module:function' references to callables.
+
+This runs in the command's own process before anything is forked or detached,
+so a typo or a broken import is reported at once and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .config import Config, ConfigError, TaskRef
+
+_file_modules: dict[Path, ModuleType] = {}
+
+
+def resolve_config(config: Config) -> None:
+    """Replace every string reference in config by the callable it names."""
+    for group in config.groups:
+        where = f"{config.source}: groups.{group.name}" if group.name else config.source
+        group.task = resolve(group.task, config.base_dir, f"{where}: task", takes_ctx=True)
+        for key in ("setup", "teardown"):
+            ref = getattr(group, key)
+            if ref is not None:
+                setattr(group, key, resolve(ref, config.base_dir, f"{where}: {key}", takes_ctx=True))
+
+
+def resolve(ref: TaskRef, base_dir: Path, where: str, takes_ctx: bool = True) -> Callable[..., Any]:
+    """Import a reference and return a callable taking one argument (ctx)."""
+    func = ref if callable(ref) else _import_ref(ref, base_dir, where)
+    if not callable(func):
+        raise ConfigError(f"{where}: {ref!r} is not callable (it is a {type(func).__name__})")
+    return _adapt(func, where) if takes_ctx else func
+
+
+def _import_ref(ref: str, base_dir: Path, where: str) -> Any:
+    target, _, attr = ref.rpartition(":")
+    if target.endswith(".py") or "/" in target:
+        module = _import_file(base_dir / target, ref, where)
+    else:
+        module = _import_module(target, base_dir, ref, where)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"{where}: {target} has no attribute {attr!r}") from None
+    return obj
+
+
+def _import_file(path: Path, ref: str, where: str) -> ModuleType:
+    path = path.resolve()
+    if path in _file_modules:
+        return _file_modules[path]
+    if not path.is_file():
+        raise ConfigError(f"{where}: {ref!r}: no such file {str(path)!r}")
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)  # let the task file import its neighbours
+    name = path.stem if path.stem.isidentifier() else "tprocess_task"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"{where}: {ref!r}: cannot import {str(path)!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    _run_import(lambda: spec.loader.exec_module(module), ref, where)
+    _file_modules[path] = module
+    return module
+
+
+def _import_module(name: str, base_dir: Path, ref: str, where: str) -> ModuleType:
+    folder = str(base_dir)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return _run_import(lambda: importlib.import_module(name), ref, where)
+
+
+def _run_import(do_import: Callable[[], Any], ref: str, where: str) -> Any:
+    try:
+        return do_import()
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as exc:
+        raise ConfigError(f"{where}: {ref!r}: no module named {exc.name!r}") from None
+    except SyntaxError as exc:
+        raise ConfigError(
+            f"{where}: {ref!r}: syntax error in {exc.filename}, line {exc.lineno}: {exc.msg}"
+        ) from None
+    except BaseException as exc:  # noqa: BLE001 - any failure of user code at import
+        line = _user_line(exc)
+        raise ConfigError(
+            f"{where}: {ref!r}: importing raised {type(exc).__name__}: {exc}{line}"
+        ) from None
+
+
+def _user_line(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return ""
+    return f" ({last.tb_frame.f_code.co_filename}, line {last.tb_lineno})"
+
+
+def _adapt(func: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """Accept functions of one argument (ctx) or none."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return func  # builtins and the like: trust the caller
+    try:
+        sig.bind(None)
+        return func
+    except TypeError:
+        pass
+    try:
+        sig.bind()
+    except TypeError:
+        raise ConfigError(
+            f"{where}: {getattr(func, '__qualname__', func)!r} must take one argument (ctx) "
+            f"or none; its signature is {sig}"
+        ) from None
+
+    def call_without_ctx(ctx: Any, _func: Callable[[], Any] = func) -> Any:
+        return _func()
+
+    call_without_ctx.__qualname__ = getattr(func, "__qualname__", "task")
+    return call_without_ctx

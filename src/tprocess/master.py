@@ -1,0 +1,514 @@
+"""The master: an event loop that keeps every worker of every group alive.
+
+Signal handlers only record the signal; the C-level wakeup fd wakes a selector,
+and the loop dispatches to `handle_<signal>` methods. One place reaps
+(`reap_children`, a WNOHANG loop, since SIGCHLDs coalesce). The loop sleeps in
+the selector until a signal, a worker report, a control request or the next
+timer (a backoff respawn or a stop deadline) is due: an idle master never wakes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import setproctitle
+
+from . import control, logs, worker
+from .config import Config, GroupConfig
+from .logs import log
+from .slots import BUSY, STATE_NAMES, SlotTable
+
+HANDLED_SIGNALS = (
+    signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGQUIT, signal.SIGHUP,
+)
+PR_SET_CHILD_SUBREAPER = 36
+ADOPTED_GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
+BACKOFF_BASE = 0.1
+
+
+@dataclass
+class Worker:
+    """One entry of the worker table: a named position that a process fills."""
+
+    group: GroupConfig
+    index: int  # index within the group: the I of the title
+    slot: int  # index into the shared slot table
+    title: str
+    pid: int = 0
+    started_at: float = 0.0
+    restarts: int = 0
+    failures: int = 0  # consecutive early deaths
+    respawn_at: float | None = None
+    failed: bool = False
+    ready: bool = False
+    died_before_ready: bool = False
+    stop_deadline: float | None = None
+
+
+@dataclass
+class StopReport:
+    stopped: list[dict[str, Any]] = field(default_factory=list)
+    killed: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Master:
+    def __init__(self, config: Config, listener: socket.socket, notify_fd: int | None = None) -> None:
+        self.config = config
+        self.listener = listener
+        self.notify_fd = notify_fd
+        self.pid = os.getpid()
+        self.started_at = time.monotonic()
+        self.workers: list[Worker] = []
+        self.by_pid: dict[int, Worker] = {}
+        self.slots = SlotTable(config.name, config.total_workers())
+        self.selector = selectors.DefaultSelector()
+        self.pending_signals: list[int] = []
+        self.stopping = False
+        self.forced = False
+        self.starting = True
+        self.start_error: str | None = None
+        self.setup_errors: dict[str, str] = {}
+        self.stop_waiters: list[socket.socket] = []
+        self.report = StopReport()
+        self.adopted_deadline: float | None = None
+        self.exit_code = 0
+        self._build_table()
+
+    # --- set-up -----------------------------------------------------------------
+
+    def _build_table(self) -> None:
+        for group in self.config.groups:
+            for index in range(group.workers):
+                title = group.title(self.config.name, index)
+                self.workers.append(Worker(group, index, len(self.workers), title))
+
+    def _open_channels(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.report_r, self.report_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.report_r.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
+        self.selector.register(self.report_r, selectors.EVENT_READ, self._on_report)
+        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+
+    def _install_signals(self) -> None:
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self._record_signal)
+        signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def _record_signal(self, signum: int, frame: Any) -> None:
+        self.pending_signals.append(signum)
+
+    def _master_only_fds(self) -> list[int]:
+        """Descriptors a worker must not keep (the listener would hold the lock)."""
+        fds = [self.wake_w, self.selector.fileno()]  # type: ignore[attr-defined]
+        fds.extend(key.fd for key in self.selector.get_map().values())
+        fds.extend(conn.fileno() for conn in self.stop_waiters)
+        if self.notify_fd is not None:
+            fds.append(self.notify_fd)
+        return [fd for fd in fds if fd >= 0]
+
+    # --- the loop -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Run until every worker has stopped; return the exit code."""
+        setproctitle.setproctitle(f"{self.config.name}-master")
+        logs.set_title(f"{self.config.name}-master")
+        _become_subreaper()
+        control.listen(self.listener)
+        self._open_channels()
+        self._install_signals()
+        gc.freeze()  # keep the master's objects out of the workers' copied pages
+        log.info("starting %d workers", len(self.workers))
+        for w in self.workers:
+            self.spawn(w)
+        while not self._finished():
+            self._wait_for_events()
+            self._dispatch_signals()
+            self._run_due_timers()
+        self._finish()
+        return self.exit_code
+
+    def _wait_for_events(self) -> None:
+        for key, _ in self.selector.select(self._next_timeout()):
+            key.data(key.fileobj)
+
+    def _next_timeout(self) -> float | None:
+        due = [w.respawn_at for w in self.workers if w.respawn_at is not None and not self.stopping]
+        due += [w.stop_deadline for w in self.workers if w.pid and w.stop_deadline is not None]
+        if self.adopted_deadline is not None:
+            due.append(self.adopted_deadline)
+        if self.pending_signals:
+            return 0
+        return max(0.0, min(due) - time.monotonic()) if due else None
+
+    def _on_wake(self, fd: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _dispatch_signals(self) -> None:
+        while self.pending_signals:
+            signum = self.pending_signals.pop(0)
+            handler: Callable[[], None] = getattr(self, f"handle_{signal.Signals(signum).name.lower()}")
+            handler()
+
+    # --- signals ---------------------------------------------------------------------
+
+    def handle_sigchld(self) -> None:
+        self.reap_children()
+
+    def handle_sigterm(self) -> None:
+        self._stop_or_force("SIGTERM")
+
+    def handle_sigint(self) -> None:
+        self._stop_or_force("SIGINT")
+
+    def handle_sigusr2(self) -> None:
+        self._stop_or_force("SIGUSR2")
+
+    def handle_sigquit(self) -> None:
+        self.begin_stop("SIGQUIT")
+        self.force_stop()
+
+    def handle_sighup(self) -> None:
+        log.info("SIGHUP ignored (use SIGTERM, SIGINT or SIGUSR2 to stop)")
+
+    def _stop_or_force(self, why: str) -> None:
+        if self.stopping:
+            log.warning("%s again: stopping now", why)
+            self.force_stop()
+        else:
+            self.begin_stop(why)
+
+    # --- workers ------------------------------------------------------------------------
+
+    def spawn(self, w: Worker) -> None:
+        w.respawn_at = None
+        spec = worker.WorkerSpec(
+            title=w.title, group=w.group.name, index=w.index,
+            task=w.group.task, setup=w.group.setup, teardown=w.group.teardown,  # type: ignore[arg-type]
+            slot=self.slots[w.slot], slot_number=w.slot, report=self.report_w,
+            master_pid=self.pid,
+        )
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            log.error("cannot fork %s: %s; retrying in 1s", w.title, exc.strerror)
+            w.respawn_at = time.monotonic() + 1.0
+            return
+        if pid == 0:
+            worker.run(spec, self._master_only_fds())
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        w.pid = pid
+        w.started_at = time.monotonic()
+        self.by_pid[pid] = w
+
+    def reap_children(self) -> None:
+        """The one place that reaps: every exited child, since signals coalesce."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.by_pid.pop(pid, None)
+            if w is None:
+                log.info("reaped pid %d (%s), left behind by a task", pid, describe_status(status))
+            else:
+                self.on_worker_exit(w, status)
+
+    def on_worker_exit(self, w: Worker, status: int) -> None:
+        uptime = time.monotonic() - w.started_at
+        entry = {"name": w.title, "pid": w.pid, "exit": os.waitstatus_to_exitcode(status)}
+        w.pid = 0
+        w.stop_deadline = None
+        log.info("worker %s (pid %d) %s after %.2fs", w.title, entry["pid"], describe_status(status), uptime)
+        if self.stopping:
+            self.report.stopped.append(entry)
+        else:
+            if not w.ready:
+                w.died_before_ready = True
+            self._schedule_respawn(w, entry["exit"], uptime)
+        self._check_start_failure(w)
+        self._maybe_sweep_adopted()
+
+    def _schedule_respawn(self, w: Worker, code: int, uptime: float) -> None:
+        if code == worker.EXIT_OK:
+            w.failures = 0
+        elif uptime < self.config.group_min_uptime(w.group):
+            w.failures += 1
+        else:
+            w.failures = 1
+        w.restarts += 1
+        limit = self.config.group_max_failures(w.group)
+        if w.failures >= limit:
+            w.failed = True
+            log.error(
+                "%s failed %d times in a row within %.1fs of starting; not restarting it",
+                w.title, w.failures, self.config.group_min_uptime(w.group),
+            )
+            return
+        delay = backoff_delay(w.failures, self.config.group_backoff_max(w.group))
+        if delay > 0:
+            log.warning("restarting %s in %.1fs (failure %d in a row)", w.title, delay, w.failures)
+            w.respawn_at = time.monotonic() + delay
+        else:
+            self.spawn(w)
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        if not self.stopping:
+            for w in self.workers:
+                if w.respawn_at is not None and w.respawn_at <= now:
+                    self.spawn(w)
+        for w in self.workers:
+            if w.pid and w.stop_deadline is not None and w.stop_deadline <= now:
+                self.kill_worker(w, "its graceful timeout passed")
+        if self.adopted_deadline is not None and self.adopted_deadline <= now:
+            self.adopted_deadline = None
+            for pid in self._adopted_children():
+                _signal_child(pid, signal.SIGKILL)
+
+    # --- start-up ----------------------------------------------------------------------------
+
+    def _on_report(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                message = sock.recv(65536)
+            except BlockingIOError:
+                break
+            kind, number = message[:1], message[1:].split(b"\n", 1)[0]
+            w = self.workers[int(number)]
+            if kind == b"R":
+                w.ready = True
+            elif kind == b"E":
+                self.setup_errors[w.group.name] = message.split(b"\n", 1)[1].decode(errors="replace")
+        self._check_started()
+
+    def _check_started(self) -> None:
+        if self.starting and all(w.ready for w in self.workers):
+            self.starting = False
+            log.info("all %d workers are running", len(self.workers))
+            self._notify(f"ok {self.pid}")
+
+    def _check_start_failure(self, w: Worker) -> None:
+        if not self.starting or self.stopping:
+            return
+        group = [x for x in self.workers if x.group is w.group]
+        if all(x.died_before_ready and not x.ready for x in group) or w.failed:
+            what = f"group {w.group.name!r}" if w.group.name else "the workers"
+            error = self.setup_errors.get(w.group.name)
+            detail = f"every worker of {what} failed during start-up"
+            self.start_error = f"{detail}:\n{error}" if error else f"{detail} (see the log)"
+            log.error("%s; stopping", detail)
+            self.begin_stop("start-up failed")
+
+    def _notify(self, message: str) -> None:
+        if self.notify_fd is None:
+            return
+        try:
+            os.write(self.notify_fd, message.encode()[:60000])
+        except OSError:
+            pass
+        os.close(self.notify_fd)
+        self.notify_fd = None
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def begin_stop(self, why: str, timeout: float | None = None) -> None:
+        """Ask every worker to finish its current task and exit."""
+        if self.stopping:
+            return
+        self.stopping = True
+        now = time.monotonic()
+        live = [w for w in self.workers if w.pid]
+        log.info("stopping (%s): asking %d workers to finish their tasks", why, len(live))
+        for w in self.workers:
+            w.respawn_at = None
+            if w.pid:
+                grace = self.config.group_timeout(w.group) if timeout is None else timeout
+                w.stop_deadline = now + grace
+                _signal_child(w.pid, signal.SIGTERM)
+        self._maybe_sweep_adopted()
+
+    def force_stop(self) -> None:
+        self.forced = True
+        for w in self.workers:
+            if w.pid:
+                self.kill_worker(w, "a stop-now was asked")
+
+    def kill_worker(self, w: Worker, why: str) -> None:
+        state = self.slots[w.slot].state
+        w.stop_deadline = None
+        if state == BUSY:
+            log.error("killing %s (pid %d) in the middle of a task: %s", w.title, w.pid, why)
+        else:
+            log.warning("killing %s (pid %d, %s): %s", w.title, w.pid, STATE_NAMES[state], why)
+        self.report.killed.append({"name": w.title, "pid": w.pid, "state": STATE_NAMES[state]})
+        _signal_child(w.pid, signal.SIGKILL)
+
+    def _maybe_sweep_adopted(self) -> None:
+        """Once the workers are gone, end what their tasks left behind."""
+        if not self.stopping or self.by_pid or self.adopted_deadline is not None:
+            return
+        adopted = self._adopted_children()
+        if adopted:
+            log.info("stopping %d processes left by tasks: %s", len(adopted), adopted)
+            for pid in adopted:
+                _signal_child(pid, signal.SIGTERM)
+            self.adopted_deadline = time.monotonic() + ADOPTED_GRACE
+
+    def _adopted_children(self) -> list[int]:
+        return [pid for pid in list_children(self.pid) if pid not in self.by_pid]
+
+    def _finished(self) -> bool:
+        if not self.stopping or self.by_pid:
+            return False
+        if self._adopted_children():
+            if self.adopted_deadline is None:
+                self._maybe_sweep_adopted()
+            return False
+        return True
+
+    def _finish(self) -> None:
+        if self.report.killed:
+            self.exit_code = 1
+        if self.start_error:
+            self.exit_code = 1
+            self._notify(f"error {self.start_error}")
+        else:
+            self._notify("error the instance was stopped during start-up")
+        reply = {"master": self.pid, "stopped": self.report.stopped, "killed": self.report.killed}
+        for conn in self.stop_waiters:
+            _reply(conn, reply)
+        log.info(
+            "stopped: %d workers exited, %d killed", len(self.report.stopped), len(self.report.killed)
+        )
+
+    # --- control channel ------------------------------------------------------------------------
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        if not control.trusted(conn):
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.selector.register(conn, selectors.EVENT_READ, self._on_request)
+
+    def _on_request(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        conn.settimeout(1.0)  # a client has at most a second to send one short line
+        try:
+            data = conn.recv(control.MAX_REQUEST)
+            request = json.loads(data.split(b"\n", 1)[0])
+        except (OSError, ValueError):
+            conn.close()
+            return
+        command = request.get("cmd") if isinstance(request, dict) else None
+        if command == "status":
+            _reply(conn, self.status())
+        elif command == "stop":
+            timeout = request.get("timeout")
+            self.stop_waiters.append(conn)
+            self.begin_stop("stop command", float(timeout) if timeout is not None else None)
+        else:
+            _reply(conn, {"error": f"unknown command {command!r}"})
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        state = "stopping" if self.stopping else "starting" if self.starting else "running"
+        return {
+            "name": self.config.name,
+            "master": {"pid": self.pid, "state": state, "uptime": now - self.started_at},
+            "workers": [self._worker_status(w, now) for w in self.workers],
+        }
+
+    def _worker_status(self, w: Worker, now: float) -> dict[str, Any]:
+        slot = self.slots[w.slot]
+        if w.pid:
+            state = STATE_NAMES[slot.state]
+        elif w.failed:
+            state = "failed"
+        elif w.respawn_at is not None:
+            state = "backoff"
+        else:
+            state = "stopped"
+        return {
+            "name": w.title, "group": w.group.name, "index": w.index,
+            "pid": w.pid or None, "state": state,
+            "uptime": now - w.started_at if w.pid else 0.0,
+            "tasks": slot.tasks, "errors": slot.errors,
+            "restarts": w.restarts, "failures": w.failures,
+        }
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def backoff_delay(failures: int, cap: float) -> float:
+    """No delay for a first failure, then 0.1s, 0.2s, 0.4s ... up to cap."""
+    if failures <= 1:
+        return 0.0
+    return min(cap, BACKOFF_BASE * 2 ** (failures - 2))
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"was killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"was killed by signal {sig}"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def list_children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:
+        import psutil
+
+        return [p.pid for p in psutil.Process(pid).children()]
+
+
+def _signal_child(pid: int, sig: int) -> None:
+    """Signal our own child: safe by pid, since it cannot be reused before we reap it."""
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _become_subreaper() -> None:
+    """Adopt what tasks leave behind, so nothing the instance started outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _reply(conn: socket.socket, message: dict[str, Any]) -> None:
+    try:
+        conn.settimeout(2.0)
+        control.send(conn, message)
+    except OSError:
+        pass
+    finally:
+        conn.close()

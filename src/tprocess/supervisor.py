@@ -1,0 +1,122 @@
+"""The Python API, shared by the command line: validate, lock, clean up, run.
+
+    from tprocess import Supervisor
+
+    sup = Supervisor("crawler", graceful_timeout=10)
+    sup.add_group("ip", task=scan_ip, workers=5, setup=open_db, teardown=close_db)
+    sup.run()            # foreground; returns the exit code once stopped
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from . import control, daemon, discovery, logs
+from .config import Config, GroupConfig, TaskRef, validate
+from .loader import resolve_config
+from .logs import log
+
+
+class StartError(Exception):
+    """Start-up failed for a reason that is not a configuration mistake."""
+
+
+@dataclass
+class StartResult:
+    master_pid: int
+    workers: int
+    log_file: str | None
+    cleaned: list[discovery.ProcessRef]
+
+
+class Supervisor:
+    """A tprocess instance built in Python: groups of workers under one master."""
+
+    def __init__(self, name: str = "tprocess", *, graceful_timeout: float = 30.0,
+                 log_file: str | None = None, config: Config | None = None, **options: Any) -> None:
+        self.config = config or Config(
+            name=name, graceful_timeout=graceful_timeout, log_file=log_file, **options
+        )
+
+    def add_group(self, name: str, task: TaskRef, workers: int = 1, *,
+                  setup: TaskRef | None = None, teardown: TaskRef | None = None,
+                  **options: Any) -> Supervisor:
+        """Add a group; an empty name gives workers titled NAME-I instead of NAME-GROUP-I."""
+        self.config.groups.append(
+            GroupConfig(name=name, task=task, workers=workers, setup=setup, teardown=teardown, **options)
+        )
+        return self
+
+    def prepare(self) -> None:
+        """Validate and import every task: raises ConfigError before anything runs."""
+        validate(self.config)
+        resolve_config(self.config)
+
+    def run(self, log_level: str = "INFO") -> int:
+        """Run in the foreground until stopped; return the master's exit code."""
+        self.prepare()
+        log_fd = logs.open_log_file(self.config.log_file) if self.config.log_file else None
+        logs.configure(log_level, os.fdopen(log_fd, "a", buffering=1) if log_fd else None)
+        listener = self._take_lock()
+        self._clean_leftovers()
+        from .master import Master
+
+        return Master(self.config, listener).run()
+
+    def start_detached(self, log_level: str = "INFO") -> StartResult:
+        """Start as a daemon; return once every worker is up, or raise StartError."""
+        self.prepare()
+        log_path = str(self.config.log_file or logs.default_log_file(self.config.name))
+        if not self.config.log_file:
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        log_fd = logs.open_log_file(log_path)
+        listener = self._take_lock()
+        cleaned = self._clean_leftovers()
+
+        def run_master(notify_fd: int) -> int:
+            from .master import Master
+
+            logs.configure(log_level)
+            return Master(self.config, listener, notify_fd).run()
+
+        message = daemon.detach(run_master, log_fd)
+        listener.close()
+        os.close(log_fd)
+        kind, _, detail = message.partition(" ")
+        if kind == "ok":
+            return StartResult(int(detail), self.config.total_workers(), log_path, cleaned)
+        if kind == "error":
+            raise StartError(f"{detail} (log: {log_path})")
+        raise StartError(f"the master exited during start-up; see the log {log_path}")
+
+    def _take_lock(self) -> Any:
+        try:
+            return control.bind(self.config.name)
+        except control.AlreadyRunning as exc:
+            pid = f" (master pid {exc.pid})" if exc.pid else ""
+            raise StartError(f"tprocess {self.config.name!r} is already running{pid}") from None
+
+    def _clean_leftovers(self) -> list[discovery.ProcessRef]:
+        """Stop processes of this instance whose master died (we hold the lock now)."""
+        leftovers = discovery.find_instance(self.config.name)
+        if not leftovers:
+            return []
+        names = ", ".join(ref.describe() for ref in leftovers)
+        print(f"tprocess: stopping {len(leftovers)} leftover processes of "
+              f"{self.config.name!r} whose master died: {names}", file=sys.stderr)
+        _, killed = discovery.stop_processes(leftovers, self.config.graceful_timeout)
+        for ref in killed:
+            print(f"tprocess: killed {ref.describe()} after {self.config.graceful_timeout:g}s",
+                  file=sys.stderr)
+        return leftovers
+
+
+def one_task_config(name: str, task: TaskRef, workers: int, **options: Any) -> Config:
+    """The config of `tprocess start TASK -n N`: one unnamed group."""
+    config = Config(name=name, **options)
+    config.groups.append(GroupConfig(name="", task=task, workers=workers))
+    return config
+

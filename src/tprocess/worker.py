@@ -1,0 +1,241 @@
+"""The worker process: what runs in a child after fork, until it exits.
+
+A worker calls its task again and again. A stop request (SIGTERM, SIGINT or
+SIGUSR2 from the master, the terminal or systemd; or the master's death through
+PR_SET_PDEATHSIG) only sets a flag: the task in progress always runs to its end,
+and `ctx.sleep()` returns early so an idle worker stops at once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import select
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from . import logs
+from .slots import BUSY, IDLE, STARTING, STOPPING, Slot
+
+# Exit codes of a worker; the master counts only failures towards backoff.
+EXIT_OK = 0  # planned exit: a stop was asked, or the task raised SystemExit(0)
+EXIT_CRASH = 1  # the worker machinery itself failed
+EXIT_SETUP_FAILED = 3  # setup(ctx) raised
+EXIT_TEARDOWN_FAILED = 4  # teardown(ctx) raised
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+PR_SET_PDEATHSIG = 1
+MAX_ERROR_DELAY = 5.0
+
+
+class Context:
+    """What a task receives: who it is, whether to stop, and an interruptible sleep."""
+
+    def __init__(self, name: str, group: str, index: int, slot: Slot, wake_fd: int) -> None:
+        self.name = name
+        self.group = group
+        self.index = index
+        self.pid = os.getpid()
+        self.stopping = False
+        self.log = logs.log
+        self._slot = slot
+        self._wake_fd = wake_fd
+        self._poll = select.poll()
+        self._poll.register(wake_fd, select.POLLIN)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep, but return False at once when a stop is asked; True after a full sleep."""
+        if self.stopping:
+            return False
+        slot = self._slot
+        previous, slot.state = slot.state, IDLE  # a sleeping worker is safe to stop
+        try:
+            deadline = time.monotonic() + seconds
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return True
+                if self._poll.poll(math.ceil(remaining * 1000)):
+                    _drain(self._wake_fd)
+                    if self.stopping:
+                        return False
+        finally:
+            slot.state = previous
+
+    def _request_stop(self, signum: int = 0, frame: Any = None) -> None:
+        self.stopping = True
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a freshly forked worker needs to know."""
+
+    title: str
+    group: str
+    index: int
+    task: Callable[[Context], Any]
+    setup: Callable[[Context], Any] | None
+    teardown: Callable[[Context], Any] | None
+    slot: Slot
+    slot_number: int
+    report: socket.socket
+    master_pid: int
+
+
+def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
+    """Entry point in the child right after fork: never returns."""
+    code = EXIT_CRASH
+    try:
+        ctx = _become_worker(spec, master_fds)
+        code = _serve(spec, ctx)
+    except BaseException:  # noqa: BLE001 - a worker must never return into master code
+        logs.log.exception("worker %s failed", spec.title)
+    finally:
+        _exit(code)
+
+
+def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    for fd in master_fds:
+        _close(fd)
+    import setproctitle
+
+    setproctitle.setproctitle(spec.title)
+    logs.set_title(spec.title)
+    ctx = Context(spec.title, spec.group, spec.index, spec.slot, wake_r)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, ctx._request_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    _ask_for_death_signal()
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the master blocked all around fork
+    if os.getppid() != spec.master_pid:  # the master died before prctl took effect
+        ctx.stopping = True
+    spec.slot.pid = ctx.pid
+    spec.slot.state = STARTING
+    return ctx
+
+
+def _serve(spec: WorkerSpec, ctx: Context) -> int:
+    if spec.setup is not None:
+        try:
+            spec.setup(ctx)
+        except BaseException as exc:  # noqa: BLE001 - user code
+            if _is_clean_exit(exc):
+                return EXIT_OK
+            text = traceback.format_exc()
+            logs.log.error("setup of %s failed:\n%s", spec.title, text.rstrip())
+            _report(spec, b"E%d\n" % spec.slot_number + text.encode(errors="replace")[-60000:])
+            return EXIT_SETUP_FAILED
+    _report(spec, b"R%d" % spec.slot_number)
+    code = _loop(spec.task, ctx, spec.slot)
+    spec.slot.state = STOPPING
+    if spec.teardown is not None:
+        try:
+            spec.teardown(ctx)
+        except BaseException:  # noqa: BLE001 - user code
+            logs.log.exception("teardown of %s failed", spec.title)
+            code = code or EXIT_TEARDOWN_FAILED
+    return code
+
+
+def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
+    """The per-task hot path: keep it to a few stores and one call."""
+    errors_in_row = 0
+    while not ctx.stopping:
+        slot.state = BUSY
+        try:
+            task(ctx)
+        except SystemExit as exc:
+            slot.state = IDLE
+            return _exit_code(exc)
+        except BaseException:  # noqa: BLE001 - a failing task must not end the worker
+            slot.state = IDLE
+            slot.errors += 1
+            errors_in_row += 1
+            logs.log.exception("task of %s raised", ctx.name)
+            ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
+            continue
+        slot.tasks += 1
+        slot.state = IDLE
+        errors_in_row = 0
+    return EXIT_OK
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return EXIT_OK
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    logs.log.error("task exited: %s", exc.code)
+    return EXIT_CRASH
+
+
+def _is_clean_exit(exc: BaseException) -> bool:
+    return isinstance(exc, SystemExit) and _exit_code(exc) == EXIT_OK
+
+
+def _report(spec: WorkerSpec, message: bytes) -> None:
+    try:
+        spec.report.send(message)
+    except OSError:
+        pass  # the master is gone; PR_SET_PDEATHSIG has asked us to stop
+
+
+def _ask_for_death_signal() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _terminate_own_children() -> None:
+    """Pass the stop on to processes the task started; the master reaps what is left."""
+    pid = os.getpid()
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(p) for p in fh.read().split()]
+    except OSError:
+        return
+    for child in children:
+        try:
+            os.kill(child, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _exit(code: int) -> NoReturn:
+    _terminate_own_children()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed stream must not block the exit
+            pass
+    for handler in logs.log.handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    os._exit(code)
