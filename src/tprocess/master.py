@@ -393,6 +393,8 @@ class Master:
             self._notify(f"error {self.start_error}")
         else:
             self._notify("error the instance was stopped during start-up")
+        order = {w.title: w.slot for w in self.workers}
+        self.report.stopped.sort(key=lambda e: order[e["name"]])
         reply = {"master": self.pid, "stopped": self.report.stopped, "killed": self.report.killed}
         for conn in self.stop_waiters:
             _reply(conn, reply)
