@@ -169,7 +169,8 @@ class Instance:
             if not left:
                 return
             kill_pids([p.pid for p in left])
-            wait_for(lambda: all(gone(p.pid) for p in left), 10, what="leftovers to die")
+            pids = [p.pid for p in left]
+            wait_for(lambda pids=pids: all(gone(pid) for pid in pids), 10, what="leftovers to die")
 
     def _env(self, extra: dict[str, str] | None) -> dict[str, str]:
         env = dict(os.environ)

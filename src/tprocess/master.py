@@ -26,7 +26,7 @@ import setproctitle
 from . import control, logs, worker
 from .config import Config, GroupConfig
 from .logs import log
-from .slots import BUSY, STATE_NAMES, SlotTable
+from .slots import BUSY, STARTING, STATE_NAMES, SlotTable
 
 HANDLED_SIGNALS = (
     signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGQUIT, signal.SIGHUP,
@@ -202,6 +202,7 @@ class Master:
             slot=self.slots[w.slot], slot_number=w.slot, report=self.report_w,
             master_pid=self.pid,
         )
+        self.slots[w.slot].state = STARTING  # not the state its predecessor died in
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()

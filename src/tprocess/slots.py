@@ -19,11 +19,9 @@ STATE_NAMES = {STARTING: "starting", IDLE: "idle", BUSY: "busy", STOPPING: "stop
 
 class Slot(ctypes.Structure):
     _fields_ = [
-        ("state", ctypes.c_uint32),
-        ("pid", ctypes.c_int32),
+        ("state", ctypes.c_uint64),
         ("tasks", ctypes.c_uint64),
         ("errors", ctypes.c_uint64),
-        ("task_started", ctypes.c_double),
     ]
 
 

@@ -17,7 +17,6 @@ from typing import Any
 from . import control, daemon, discovery, logs
 from .config import Config, GroupConfig, TaskRef, validate
 from .loader import resolve_config
-from .logs import log
 
 
 class StartError(Exception):

@@ -120,7 +120,6 @@ def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())  # the master blocked all around fork
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
         ctx.stopping = True
-    spec.slot.pid = ctx.pid
     spec.slot.state = STARTING
     return ctx
 
@@ -149,24 +148,25 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
 
 
 def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
-    """The per-task hot path: keep it to a few stores and one call."""
+    """The per-task hot path: one call and one store per task.
+
+    The slot reads "busy" from here on, except while the task waits in ctx.sleep,
+    which marks it idle: idle means safe to stop, busy means a task would be cut.
+    """
     errors_in_row = 0
+    slot.state = BUSY
     while not ctx.stopping:
-        slot.state = BUSY
         try:
             task(ctx)
         except SystemExit as exc:
-            slot.state = IDLE
             return _exit_code(exc)
         except BaseException:  # noqa: BLE001 - a failing task must not end the worker
-            slot.state = IDLE
             slot.errors += 1
             errors_in_row += 1
             logs.log.exception("task of %s raised", ctx.name)
             ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
             continue
         slot.tasks += 1
-        slot.state = IDLE
         errors_in_row = 0
     return EXIT_OK
 
