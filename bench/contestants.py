@@ -157,7 +157,7 @@ class TProcess(Contestant):
     def setup(self, log):
         if not os.path.exists(TPROCESS):
             raise Unavailable("console script not found")
-        p = subprocess.run([TPROCESS, "--help"], capture_output=True, text=True, timeout=30)
+        p = pu.run([TPROCESS, "--help"], capture_output=True, text=True, timeout=30)
         if p.returncode != 0 or "start" not in p.stdout:
             msg = (p.stderr or p.stdout).strip().splitlines()
             raise Unavailable(f"`tprocess --help` failed: {msg[-1][:100] if msg else p.returncode}")
@@ -166,7 +166,7 @@ class TProcess(Contestant):
             self.version = version("tprocess")
         except Exception:  # noqa: BLE001
             self.version = "?"
-        p = subprocess.run([TPROCESS, "--version"], capture_output=True, text=True, timeout=30)
+        p = pu.run([TPROCESS, "--version"], capture_output=True, text=True, timeout=30)
         if p.returncode == 0 and p.stdout.strip():
             self.version = p.stdout.strip().splitlines()[0]
 
@@ -184,7 +184,7 @@ class TProcess(Contestant):
         pid = pu.wait_until(by_title, timeout, 0.02)
         if not pid:  # fall back to the status command
             try:
-                out = subprocess.run([TPROCESS, "status", "--name", pool.name, "--json"],
+                out = pu.run([TPROCESS, "status", "--name", pool.name, "--json"],
                                      capture_output=True, text=True, timeout=20).stdout
                 d = json.loads(out)
                 pid = d.get("master_pid") or d.get("pid") or (d.get("master") or {}).get("pid")
@@ -204,7 +204,7 @@ class Supervisord(Contestant):
         err = se.ensure_venv(log)
         if err:
             raise Unavailable(err)
-        p = subprocess.run([os.path.join(se.VBIN, "supervisord"), "--version"],
+        p = pu.run([os.path.join(se.VBIN, "supervisord"), "--version"],
                            capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             raise Unavailable("supervisord --version failed")
@@ -270,7 +270,7 @@ class Circus(Contestant):
         err = se.ensure_venv(log)
         if err:
             raise Unavailable(err)
-        p = subprocess.run([os.path.join(se.VBIN, "circusd"), "--version"],
+        p = pu.run([os.path.join(se.VBIN, "circusd"), "--version"],
                            capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             raise Unavailable("circusd --version failed: " + (p.stderr.strip()[-100:]))
@@ -325,7 +325,7 @@ class PM2(Contestant):
         if err:
             raise Unavailable(err)
         pkg = os.path.join(se.NPM_PREFIX, "node_modules", "pm2", "package.json")
-        node = subprocess.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
+        node = pu.run(["node", "--version"], capture_output=True, text=True).stdout.strip()
         self.version = f"{json.load(open(pkg))['version']} (node {node})"
 
     def _env(self, pool):

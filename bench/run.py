@@ -64,6 +64,7 @@ class Harness:
         self.mode = "quick" if args.quick else "full"
         self.cfg = MODES[self.mode]
         self.reaper = pu.Reaper()
+        pu.REAPER = self.reaper
         self.rng = random.Random(20240601)
         self.samples = {}  # contestant -> metric -> [values]
         self.errors = {}  # contestant -> [messages]
@@ -502,7 +503,7 @@ def machine_info():
     except (OSError, ValueError):
         pass
     return {"nproc": os.cpu_count(), "cpu": cpu, "mem": mem, "kernel": platform.release(),
-            "python": sys.version.split()[0], "node": shutil.which("node") and subprocess.run(
+            "python": sys.version.split()[0], "node": shutil.which("node") and pu.run(
                 ["node", "--version"], capture_output=True, text=True).stdout.strip()}
 
 
@@ -581,7 +582,7 @@ def make_plot(h, json_path, png_path):
     if not os.path.exists(py):
         h.warnings.append("no plot: bench venv missing")
         return None
-    p = subprocess.run([py, os.path.join(BENCH, "plot.py"), json_path, png_path],
+    p = pu.run([py, os.path.join(BENCH, "plot.py"), json_path, png_path],
                        capture_output=True, text=True, timeout=120)
     if p.returncode != 0:
         h.warnings.append(f"plot failed: {p.stderr.strip()[-200:]}")

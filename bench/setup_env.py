@@ -7,6 +7,8 @@ import shutil
 import subprocess
 import sys
 
+import procutil as pu
+
 BENCH = os.path.dirname(os.path.abspath(__file__))
 WORK = os.path.join(BENCH, ".work")
 VENV = os.path.join(WORK, "venv")
@@ -19,7 +21,7 @@ PM2_VERSION = "7.0.4"
 
 
 def _run(cmd, timeout, log):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    p = pu.run(cmd, capture_output=True, text=True, timeout=timeout)
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n{p.stdout}\n{p.stderr}\n")
     if p.returncode != 0:
@@ -64,7 +66,7 @@ def ensure_pm2(log):
 def pip_versions():
     """{dist: version} of what is in the bench venv."""
     try:
-        out = subprocess.run([os.path.join(VBIN, "python"), "-m", "pip", "list", "--format=json"],
+        out = pu.run([os.path.join(VBIN, "python"), "-m", "pip", "list", "--format=json"],
                              capture_output=True, text=True, timeout=60).stdout
         return {d["name"].lower(): d["version"] for d in json.loads(out)}
     except Exception:  # noqa: BLE001
