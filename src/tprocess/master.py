@@ -80,7 +80,7 @@ class Master:
         self.setup_errors: dict[str, str] = {}
         self.stop_waiters: list[socket.socket] = []
         self.report = StopReport()
-        self.adopted_deadline: float | None = None
+        self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
         self.exit_code = 0
         self._build_table()
 
@@ -145,8 +145,7 @@ class Master:
     def _next_timeout(self) -> float | None:
         due = [w.respawn_at for w in self.workers if w.respawn_at is not None and not self.stopping]
         due += [w.stop_deadline for w in self.workers if w.pid and w.stop_deadline is not None]
-        if self.adopted_deadline is not None:
-            due.append(self.adopted_deadline)
+        due += [t for t in self.adopted.values() if t is not None]
         if self.pending_signals:
             return 0
         return max(0.0, min(due) - time.monotonic()) if due else None
@@ -167,6 +166,7 @@ class Master:
     # --- signals ---------------------------------------------------------------------
 
     def handle_sigchld(self) -> None:
+        self._on_report(self.report_r)  # read what a dying worker said before its exit
         self.reap_children()
 
     def handle_sigterm(self) -> None:
@@ -229,9 +229,11 @@ class Master:
                 return
             w = self.by_pid.pop(pid, None)
             if w is None:
-                log.info("reaped pid %d (%s), left behind by a task", pid, describe_status(status))
+                self.adopted.pop(pid, None)
+                log.info("reaped pid %d, left behind by a task: it %s", pid, describe_status(status))
             else:
                 self.on_worker_exit(w, status)
+                self.sweep_adopted()
 
     def on_worker_exit(self, w: Worker, status: int) -> None:
         uptime = time.monotonic() - w.started_at
@@ -241,12 +243,10 @@ class Master:
         log.info("worker %s (pid %d) %s after %.2fs", w.title, entry["pid"], describe_status(status), uptime)
         if self.stopping:
             self.report.stopped.append(entry)
-        else:
-            if not w.ready:
-                w.died_before_ready = True
+            return
+        w.died_before_ready = not w.ready
+        if not self._start_failed(w):
             self._schedule_respawn(w, entry["exit"], uptime)
-        self._check_start_failure(w)
-        self._maybe_sweep_adopted()
 
     def _schedule_respawn(self, w: Worker, code: int, uptime: float) -> None:
         if code == worker.EXIT_OK:
@@ -263,6 +263,7 @@ class Master:
                 "%s failed %d times in a row within %.1fs of starting; not restarting it",
                 w.title, w.failures, self.config.group_min_uptime(w.group),
             )
+            self._check_started()
             return
         delay = backoff_delay(w.failures, self.config.group_backoff_max(w.group))
         if delay > 0:
@@ -280,9 +281,9 @@ class Master:
         for w in self.workers:
             if w.pid and w.stop_deadline is not None and w.stop_deadline <= now:
                 self.kill_worker(w, "its graceful timeout passed")
-        if self.adopted_deadline is not None and self.adopted_deadline <= now:
-            self.adopted_deadline = None
-            for pid in self._adopted_children():
+        for pid, kill_at in self.adopted.items():
+            if kill_at is not None and kill_at <= now:
+                self.adopted[pid] = None
                 _signal_child(pid, signal.SIGKILL)
 
     # --- start-up ----------------------------------------------------------------------------
@@ -302,22 +303,26 @@ class Master:
         self._check_started()
 
     def _check_started(self) -> None:
-        if self.starting and all(w.ready for w in self.workers):
+        if self.starting and all(w.ready or w.failed for w in self.workers):
             self.starting = False
-            log.info("all %d workers are running", len(self.workers))
+            running = sum(1 for w in self.workers if not w.failed)
+            log.info("%d of %d workers are running", running, len(self.workers))
             self._notify(f"ok {self.pid}")
 
-    def _check_start_failure(self, w: Worker) -> None:
-        if not self.starting or self.stopping:
-            return
+    def _start_failed(self, w: Worker) -> bool:
+        """During start-up, a group none of whose workers got through setup aborts the start."""
+        if not self.starting:
+            return False
         group = [x for x in self.workers if x.group is w.group]
-        if all(x.died_before_ready and not x.ready for x in group) or w.failed:
-            what = f"group {w.group.name!r}" if w.group.name else "the workers"
-            error = self.setup_errors.get(w.group.name)
-            detail = f"every worker of {what} failed during start-up"
-            self.start_error = f"{detail}:\n{error}" if error else f"{detail} (see the log)"
-            log.error("%s; stopping", detail)
-            self.begin_stop("start-up failed")
+        if not all(x.died_before_ready for x in group):
+            return False
+        what = f"group {w.group.name!r}" if w.group.name else "the workers"
+        detail = f"every worker of {what} failed during start-up"
+        error = self.setup_errors.get(w.group.name)
+        self.start_error = f"{detail}:\n{error}" if error else f"{detail} (see the log)"
+        log.error("%s; stopping", detail)
+        self.begin_stop("start-up failed")
+        return True
 
     def _notify(self, message: str) -> None:
         if self.notify_fd is None:
@@ -345,7 +350,7 @@ class Master:
                 grace = self.config.group_timeout(w.group) if timeout is None else timeout
                 w.stop_deadline = now + grace
                 _signal_child(w.pid, signal.SIGTERM)
-        self._maybe_sweep_adopted()
+        self.sweep_adopted()
 
     def force_stop(self) -> None:
         self.forced = True
@@ -363,28 +368,23 @@ class Master:
         self.report.killed.append({"name": w.title, "pid": w.pid, "state": STATE_NAMES[state]})
         _signal_child(w.pid, signal.SIGKILL)
 
-    def _maybe_sweep_adopted(self) -> None:
-        """Once the workers are gone, end what their tasks left behind."""
-        if not self.stopping or self.by_pid or self.adopted_deadline is not None:
+    def sweep_adopted(self) -> None:
+        """Ask what tasks left behind (adopted: we are a subreaper) to stop; kill it later."""
+        adopted = [pid for pid in list_children(self.pid) if pid not in self.by_pid]
+        fresh = [pid for pid in adopted if pid not in self.adopted]
+        if not fresh:
             return
-        adopted = self._adopted_children()
-        if adopted:
-            log.info("stopping %d processes left by tasks: %s", len(adopted), adopted)
-            for pid in adopted:
-                _signal_child(pid, signal.SIGTERM)
-            self.adopted_deadline = time.monotonic() + ADOPTED_GRACE
-
-    def _adopted_children(self) -> list[int]:
-        return [pid for pid in list_children(self.pid) if pid not in self.by_pid]
+        log.info("stopping %d processes left behind by tasks: %s", len(fresh), fresh)
+        kill_at = time.monotonic() + ADOPTED_GRACE
+        for pid in fresh:
+            self.adopted[pid] = kill_at
+            _signal_child(pid, signal.SIGTERM)
 
     def _finished(self) -> bool:
         if not self.stopping or self.by_pid:
             return False
-        if self._adopted_children():
-            if self.adopted_deadline is None:
-                self._maybe_sweep_adopted()
-            return False
-        return True
+        self.sweep_adopted()
+        return not self.adopted
 
     def _finish(self) -> None:
         if self.report.killed:
