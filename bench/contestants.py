@@ -99,6 +99,7 @@ class Contestant:
     how = ""
     available = True
     reason = ""
+    foreground = False  # the start command is the master itself (does not return)
     version = ""
 
     def setup(self, log):
@@ -134,6 +135,7 @@ class Contestant:
 
 class Floor(Contestant):
     name = "floor"
+    foreground = True
     how = "bench/floor.py (os.fork master, ~40 lines); stop = SIGTERM to master"
 
     def setup(self, log):

@@ -115,10 +115,13 @@ class Harness:
         start_s = (sorted(rec.first_s.values())[n - 1] - t0) / 1e9
         if not c.find_master(pool, 20):
             raise RunError("master pid not found")
-        if not pu.wait_until(lambda: pool.launcher.poll() is not None, 60, 0.005):
+        if c.foreground:
+            start_cmd_s = start_s
+        elif not pu.wait_until(lambda: pool.launcher.poll() is not None, 60, 0.005):
             raise RunError("start command did not return within 60 s")
-        start_cmd_s = (time.monotonic_ns() - t0) / 1e9
-        if pool.launcher.returncode != 0:
+        else:
+            start_cmd_s = (time.monotonic_ns() - t0) / 1e9
+        if not c.foreground and pool.launcher.returncode != 0:
             raise RunError(f"start command exit {pool.launcher.returncode}: {pool.err_tail()}")
         pool.ready_at = time.monotonic()
         pool.snapshot()

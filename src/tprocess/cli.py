@@ -145,8 +145,9 @@ def _stop_master(name: str, conn: Any, timeout: float | None) -> int:
     click.echo(f"stopped {name}-master (pid {master_pid}) and {len(reply['stopped'])} workers"
                + (f": {stopped}" if stopped else ""))
     for w in reply["killed"]:
-        click.echo(f"cut: {w['name']} (pid {w['pid']}) was killed while {w['state']}", err=True)
-    return EXIT_FAILED if any(w["state"] == "busy" for w in reply["killed"]) else 0
+        what = "cut mid-task" if w["state"] == "busy" else f"killed while {w['state']}"
+        click.echo(f"{what}: {w['name']} (pid {w['pid']}) did not stop in time", err=True)
+    return EXIT_FAILED if reply["killed"] else 0
 
 
 def _stop_leftovers(name: str, timeout: float | None) -> int:
@@ -177,6 +178,7 @@ def status(name: str | None, config_file: str | None, as_json: bool) -> int:
         _, reply = control.request(name, {"cmd": "status"})
     except control.NotRunning:
         return _status_not_running(name, as_json)
+    _add_memory(reply)
     if as_json:
         import json
 
@@ -186,6 +188,17 @@ def status(name: str | None, config_file: str | None, as_json: bool) -> int:
 
         render(reply)
     return 0
+
+
+def _add_memory(reply: dict[str, Any]) -> None:
+    """Each process's resident memory, read with psutil (only `status` imports it)."""
+    import psutil
+
+    for proc in [reply["master"], *reply["workers"]]:
+        try:
+            proc["rss"] = psutil.Process(proc["pid"]).memory_info().rss if proc["pid"] else None
+        except psutil.Error:
+            proc["rss"] = None
 
 
 def _status_not_running(name: str, as_json: bool) -> int:

@@ -9,7 +9,6 @@ timer (a backoff respawn or a stop deadline) is due: an idle master never wakes.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
@@ -503,8 +502,7 @@ def _signal_child(pid: int, sig: int) -> None:
 
 def _become_subreaper() -> None:
     """Adopt what tasks leave behind, so nothing the instance started outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    worker._libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def _reply(conn: socket.socket, message: dict[str, Any]) -> None:

@@ -25,17 +25,22 @@ def format_uptime(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def format_bytes(count: int | None) -> str:
+    return "-" if not count else f"{count / 2**20:.1f}M"
+
+
 def render(status: dict[str, Any]) -> None:
     master = status["master"]
     table = Table(title=f"tprocess {status['name']!r}", title_justify="left")
-    for column in ("NAME", "PID", "STATE", "UPTIME", "TASKS", "ERRORS", "RESTARTS"):
+    for column in ("NAME", "PID", "STATE", "UPTIME", "TASKS", "ERRORS", "RESTARTS", "RSS"):
         table.add_column(column, justify="right" if column not in ("NAME", "STATE") else "left")
     table.add_row(f"{status['name']}-master", str(master["pid"]), _state(master["state"]),
-                  format_uptime(master["uptime"]), "", "", "")
+                  format_uptime(master["uptime"]), "", "", "", format_bytes(master.get("rss")))
     for w in status["workers"]:
         table.add_row(w["name"], str(w["pid"] or "-"), _state(w["state"]),
                       format_uptime(w["uptime"]) if w["pid"] else "-",
-                      str(w["tasks"]), str(w["errors"]), str(w["restarts"]))
+                      str(w["tasks"]), str(w["errors"]), str(w["restarts"]),
+                      format_bytes(w.get("rss")))
     Console().print(table)
 
 

@@ -191,9 +191,11 @@ def _report(spec: WorkerSpec, message: bytes) -> None:
         pass  # the master is gone; PR_SET_PDEATHSIG has asked us to stop
 
 
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded once in the master, inherited by fork
+
+
 def _ask_for_death_signal() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _terminate_own_children() -> None:
