@@ -481,7 +481,7 @@ def tables(h):
 
     avail = [c.name for c in cs_ if c.available]
     out.append("")
-    if "floor" in avail:
+    if "floor" in avail and len(avail) > 1:
         out += ratio_table("Ratio to the floor (lower is better, except tasks/s)", ["floor"],
                            [n for n in avail if n != "floor"])
     peers = [n for n in ("supervisord", "circus", "pm2") if n in avail]

@@ -78,6 +78,7 @@ class Master:
         self.start_error: str | None = None
         self.setup_errors: dict[str, str] = {}
         self.stop_waiters: list[socket.socket] = []
+        self.partial: dict[socket.socket, bytes] = {}  # requests still arriving
         self.report = StopReport()
         self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
         self.exit_code = 0
@@ -416,23 +417,41 @@ class Master:
         self.selector.register(conn, selectors.EVENT_READ, self._on_request)
 
     def _on_request(self, conn: socket.socket) -> None:
-        self.selector.unregister(conn)
-        conn.settimeout(1.0)  # a client has at most a second to send one short line
+        """Read a request without ever blocking the loop; answer once a full line is in."""
+        buffered = self.partial.pop(conn, b"")
         try:
             data = conn.recv(control.MAX_REQUEST)
-            request = json.loads(data.split(b"\n", 1)[0])
-        except (OSError, ValueError):
-            conn.close()
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data == b"" or len(buffered) > control.MAX_REQUEST:
+            self._drop(conn)
             return
+        buffered += data or b""
+        if b"\n" not in buffered:
+            self.partial[conn] = buffered
+            return
+        self.selector.unregister(conn)
+        self._serve(conn, buffered.split(b"\n", 1)[0])
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.selector.unregister(conn)
+        conn.close()
+
+    def _serve(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = None
         command = request.get("cmd") if isinstance(request, dict) else None
         if command == "status":
             _reply(conn, self.status())
         elif command == "stop":
-            timeout = request.get("timeout")
             self.stop_waiters.append(conn)
-            self.begin_stop("stop command", float(timeout) if timeout is not None else None)
+            self.begin_stop("stop command", _timeout_of(request))
         else:
-            _reply(conn, {"error": f"unknown command {command!r}"})
+            _reply(conn, {"error": f"unknown request {line[:80]!r}"})
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -463,6 +482,13 @@ class Master:
 
 
 # --- small helpers ---------------------------------------------------------------------------
+
+
+def _timeout_of(request: dict[str, Any]) -> float | None:
+    timeout = request.get("timeout")
+    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout >= 0:
+        return float(timeout)
+    return None
 
 
 def backoff_delay(failures: int, cap: float) -> float:

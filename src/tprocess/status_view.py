@@ -33,7 +33,8 @@ def render(status: dict[str, Any]) -> None:
     master = status["master"]
     table = Table(title=f"tprocess {status['name']!r}", title_justify="left")
     for column in ("NAME", "PID", "STATE", "UPTIME", "TASKS", "ERRORS", "RESTARTS", "RSS"):
-        table.add_column(column, justify="right" if column not in ("NAME", "STATE") else "left")
+        justify = "left" if column in ("NAME", "STATE") else "right"
+        table.add_column(column, justify=justify, no_wrap=True)
     table.add_row(f"{status['name']}-master", str(master["pid"]), _state(master["state"]),
                   format_uptime(master["uptime"]), "", "", "", format_bytes(master.get("rss")))
     for w in status["workers"]:
@@ -41,7 +42,10 @@ def render(status: dict[str, Any]) -> None:
                       format_uptime(w["uptime"]) if w["pid"] else "-",
                       str(w["tasks"]), str(w["errors"]), str(w["restarts"]),
                       format_bytes(w.get("rss")))
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: never fold names to 80 columns
+        console = Console(width=200)
+    console.print(table)
 
 
 def _state(state: str) -> str:
