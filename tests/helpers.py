@@ -60,16 +60,19 @@ def instance_procs(name: str, live_only: bool = True) -> list[Proc]:
 
 
 def master_of(name: str) -> Proc | None:
-    masters = [p for p in instance_procs(name) if p.title == f"{name}-master"]
+    titled = [p for p in instance_procs(name) if p.title == f"{name}-master"]
+    # a worker between fork and its setproctitle still carries its master's title
+    masters = [p for p in titled if p.ppid not in {m.pid for m in titled}]
     assert len(masters) <= 1, masters
     return masters[0] if masters else None
 
 
 def workers_of(name: str, master_pid: int) -> dict[str, Proc]:
-    """Live workers under the master, by title."""
+    """Live workers under the master, by title (a child not yet retitled after fork is not one)."""
     return {
         p.title: p for p in process_table()
         if p.ppid == master_pid and p.state != "Z" and p.title.startswith(f"{name}-")
+        and p.title != f"{name}-master"
     }
 
 

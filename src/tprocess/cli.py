@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from . import control, discovery
-from .config import DEFAULT_NAME, Config, ConfigError, check_name, load_file
+from .config import DEFAULT_NAME, Config, ConfigError, check_name, check_seconds, load_file
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 STOP_MARGIN = 30.0  # extra seconds stop waits for a master beyond the graceful timeout
@@ -121,8 +121,8 @@ def _start_config(task: str | None, workers: int | None, config_file: str | None
 def stop(name: str | None, config_file: str | None, timeout: float | None) -> int:
     """Stop an instance: every worker finishes its task, then all exit."""
     name = _instance_name(name, config_file)
-    if timeout is not None and (timeout < 0 or timeout != timeout):
-        raise UserError(f"--timeout: expected 0 or more seconds, got {timeout}")
+    if timeout is not None:
+        check_seconds(timeout, "--timeout")
     try:
         conn = control.connect(name)
     except control.NotRunning:
@@ -134,13 +134,20 @@ def stop(name: str | None, config_file: str | None, timeout: float | None) -> in
 def _stop_master(name: str, conn: Any, timeout: float | None) -> int:
     master_pid = control.peer_pid(conn)
     pidfd = os.pidfd_open(master_pid)  # valid: the master holds this connection open
+    reply = None
     try:
         control.send(conn, {"cmd": "stop", "timeout": timeout})
         conn.settimeout(None if timeout is None else timeout + STOP_MARGIN)
         reply = control.receive(conn)
         select.select([pidfd], [], [], STOP_MARGIN)  # returns when the master has exited
+    except (OSError, ValueError):
+        pass  # the master died (or hung) before it could answer
     finally:
         os.close(pidfd)
+    if reply is None:
+        click.echo(f"the master (pid {master_pid}) ended without reporting the stop", err=True)
+        _stop_leftovers(name, timeout)
+        return EXIT_FAILED
     stopped = ", ".join(f"{w['name']} (pid {w['pid']})" for w in reply["stopped"])
     click.echo(f"stopped {name}-master (pid {master_pid}) and {len(reply['stopped'])} workers"
                + (f": {stopped}" if stopped else ""))
@@ -220,4 +227,4 @@ def _status_not_running(name: str, as_json: bool) -> int:
 def _instance_name(name: str | None, config_file: str | None) -> str:
     if name is None and config_file:
         name = load_file(config_file).name
-    return check_name(name or DEFAULT_NAME, "--name")
+    return check_name(DEFAULT_NAME if name is None else name, "--name")

@@ -6,7 +6,6 @@ and the value, so the command line can print it without a traceback.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections.abc import Callable
@@ -31,6 +30,10 @@ TaskRef = str | Callable[..., Any]
 
 class ConfigError(Exception):
     """A user's configuration mistake: one line, no traceback."""
+
+    def __init__(self, message: str) -> None:
+        # user text (an exception message, a key) may hold line breaks: keep one line
+        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass
@@ -134,7 +137,8 @@ def check_seconds(value: Any, where: str, allow_zero: bool = True) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{where}: expected a number of seconds, got {_show(value)}")
     low_ok = value >= 0 if allow_zero else value > 0
-    if not math.isfinite(value) or not low_ok or value > MAX_TIMEOUT:
+    # comparisons, not math.isfinite: they reject NaN and inf, and never overflow on a huge int
+    if not (low_ok and value <= MAX_TIMEOUT):
         bound = "0" if allow_zero else "more than 0"
         raise ConfigError(
             f"{where}: expected {bound} to {int(MAX_TIMEOUT)} seconds, got {_show(value)}"
@@ -171,7 +175,9 @@ def validate(config: Config) -> Config:
     check_seconds(config.min_uptime, f"{src}: min_uptime")
     check_count(config.max_failures, f"{src}: max_failures")
     check_seconds(config.backoff_max, f"{src}: backoff_max", allow_zero=False)
-    if config.log_file is not None and not isinstance(config.log_file, str | os.PathLike):
+    if config.log_file is not None and (
+        not isinstance(config.log_file, str | os.PathLike) or "\0" in os.fspath(config.log_file)
+    ):
         raise ConfigError(f"{src}: log_file: expected a path, got {_show(config.log_file)}")
     if not config.groups:
         raise ConfigError(f"{src}: no groups: give a task, or at least one [groups.NAME] table")
@@ -240,8 +246,8 @@ def from_mapping(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         if key in data:
             setattr(config, key, data[key])
     for gname, table in groups_table.items():
+        check_group_name(gname, f"{source}: groups")
         where = f"{source}: groups.{gname}"
-        check_group_name(gname, where)
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: expected a table, got {_show(table)}")
         unknown = sorted(set(table) - GROUP_KEYS)

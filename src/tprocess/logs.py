@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger("tprocess")
@@ -41,6 +43,8 @@ def open_log_file(path: str | os.PathLike[str]) -> int:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
         raise ConfigError(f"log_file {str(path)!r}: {exc.strerror}") from None
+    except ValueError as exc:  # an embedded NUL
+        raise ConfigError(f"log_file {str(path)!r}: {exc}") from None
 
 
 def configure(level: str = "INFO", stream=None) -> None:
@@ -53,3 +57,45 @@ def configure(level: str = "INFO", stream=None) -> None:
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+
+
+class TitledStream(io.TextIOBase):
+    """A worker's sys.stdout/sys.stderr in a daemon: each printed line carries the
+    same time, title[pid] and a level of OUT or ERR as the log's own lines."""
+
+    def __init__(self, fd: int, label: str) -> None:
+        self._fd = fd
+        self._label = label
+        self._partial = ""
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        if lines:
+            self._emit(lines)
+        return len(text)
+
+    def flush(self) -> None:
+        if self._partial:
+            self._emit([self._partial])
+            self._partial = ""
+
+    def _emit(self, lines: list[str]) -> None:
+        now = time.time()
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
+        head = f"{stamp} {_title}[{os.getpid()}] {self._label} "
+        os.write(self._fd, "".join(head + line + "\n" for line in lines).encode(errors="replace"))
+
+
+def title_output() -> None:
+    """Make what a task prints to stdout/stderr name its process (used in daemons)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stdout = TitledStream(1, "OUT")
+    sys.stderr = TitledStream(2, "ERR")

@@ -23,7 +23,7 @@ from typing import Any
 import setproctitle
 
 from . import control, logs, worker
-from .config import Config, GroupConfig
+from .config import Config, ConfigError, GroupConfig, check_seconds
 from .logs import log
 from .slots import BUSY, STARTING, STATE_NAMES, SlotTable
 
@@ -61,10 +61,12 @@ class StopReport:
 
 
 class Master:
-    def __init__(self, config: Config, listener: socket.socket, notify_fd: int | None = None) -> None:
+    def __init__(self, config: Config, listener: socket.socket, notify_fd: int | None = None,
+                 detached: bool = False) -> None:
         self.config = config
         self.listener = listener
         self.notify_fd = notify_fd
+        self.detached = detached
         self.pid = os.getpid()
         self.started_at = time.monotonic()
         self.workers: list[Worker] = []
@@ -200,7 +202,7 @@ class Master:
             title=w.title, group=w.group.name, index=w.index,
             task=w.group.task, setup=w.group.setup, teardown=w.group.teardown,  # type: ignore[arg-type]
             slot=self.slots[w.slot], slot_number=w.slot, report=self.report_w,
-            master_pid=self.pid,
+            master_pid=self.pid, title_output=self.detached,
         )
         self.slots[w.slot].state = STARTING  # not the state its predecessor died in
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
@@ -219,21 +221,29 @@ class Master:
         self.by_pid[pid] = w
 
     def reap_children(self) -> None:
-        """The one place that reaps: every exited child, since signals coalesce."""
+        """The one place that reaps: every exited child, since signals coalesce.
+
+        Exits are collected first and handled after, so that workers which die at
+        once cannot keep this loop (and the loop's other duties) going forever.
+        """
+        exited = []
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
-                return
+                break
             if pid == 0:
-                return
+                break
+            exited.append((pid, status))
+        for pid, status in exited:
             w = self.by_pid.pop(pid, None)
             if w is None:
                 self.adopted.pop(pid, None)
                 log.info("reaped pid %d, left behind by a task: it %s", pid, describe_status(status))
             else:
                 self.on_worker_exit(w, status)
-                self.sweep_adopted()
+        if exited:
+            self.sweep_adopted()
 
     def on_worker_exit(self, w: Worker, status: int) -> None:
         uptime = time.monotonic() - w.started_at
@@ -486,9 +496,10 @@ class Master:
 
 def _timeout_of(request: dict[str, Any]) -> float | None:
     timeout = request.get("timeout")
-    if isinstance(timeout, int | float) and not isinstance(timeout, bool) and timeout >= 0:
-        return float(timeout)
-    return None
+    try:
+        return None if timeout is None else check_seconds(timeout, "timeout")
+    except ConfigError:
+        return None
 
 
 def backoff_delay(failures: int, cap: float) -> float:

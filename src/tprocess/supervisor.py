@@ -79,7 +79,7 @@ class Supervisor:
             from .master import Master
 
             logs.configure(log_level)
-            return Master(self.config, listener, notify_fd).run()
+            return Master(self.config, listener, notify_fd, detached=True).run()
 
         message = daemon.detach(run_master, log_fd)
         listener.close()

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import setproctitle
+
 from . import logs
 from .slots import BUSY, IDLE, STARTING, STOPPING, Slot
 
@@ -87,6 +89,7 @@ class WorkerSpec:
     slot_number: int
     report: socket.socket
     master_pid: int
+    title_output: bool = False  # a daemon: stdout and stderr are the log file
 
 
 def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
@@ -102,13 +105,13 @@ def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
 
 
 def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
+    setproctitle.setproctitle(spec.title)  # first: until then the child is titled as the master
+    logs.set_title(spec.title)
+    if spec.title_output:
+        logs.title_output()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     for fd in master_fds:
         _close(fd)
-    import setproctitle
-
-    setproctitle.setproctitle(spec.title)
-    logs.set_title(spec.title)
     ctx = Context(spec.title, spec.group, spec.index, spec.slot, wake_r)
     for sig in STOP_SIGNALS:
         signal.signal(sig, ctx._request_stop)
