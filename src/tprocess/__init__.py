@@ -1,7 +1,24 @@
-"""tprocess: a pre-fork supervisor for long-lived Python worker processes."""
+"""tprocess: a pre-fork supervisor for long-lived Python worker processes.
 
-from .config import Config, ConfigError, GroupConfig
-from .supervisor import StartError, Supervisor
-from .worker import Context
+The names below are imported on first use, so that `tprocess stop` and
+`tprocess status` do not pay for the modules only `start` needs.
+"""
 
-__all__ = ["Config", "ConfigError", "Context", "GroupConfig", "StartError", "Supervisor"]
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "Config": "config", "ConfigError": "config", "GroupConfig": "config",
+    "StartError": "supervisor", "StartResult": "supervisor", "Supervisor": "supervisor",
+    "Context": "worker",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tprocess' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -10,7 +10,6 @@ import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*")
@@ -65,7 +64,7 @@ class Config:
     max_failures: int = DEFAULT_MAX_FAILURES
     backoff_max: float = DEFAULT_BACKOFF_MAX
     log_file: str | None = None
-    base_dir: Path = field(default_factory=Path.cwd)
+    base_dir: str = field(default_factory=os.getcwd)  # task paths are relative to it
     source: str = "command line"
 
     def group_timeout(self, group: GroupConfig) -> float:
@@ -213,8 +212,7 @@ def load_file(path: str | os.PathLike[str]) -> Config:
     """Read and validate a tprocess TOML file."""
     import tomllib
 
-    path = Path(path)
-    src = str(path)
+    src = os.fspath(path)
     try:
         with open(path, "rb") as fh:
             data = tomllib.load(fh)
@@ -228,10 +226,10 @@ def load_file(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{src}: not valid UTF-8 ({exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{src}: invalid TOML: {exc}") from None
-    return from_mapping(data, source=src, base_dir=path.resolve().parent)
+    return from_mapping(data, source=src, base_dir=os.path.dirname(os.path.abspath(src)))
 
 
-def from_mapping(data: dict[str, Any], source: str, base_dir: Path) -> Config:
+def from_mapping(data: dict[str, Any], source: str, base_dir: str | os.PathLike[str]) -> Config:
     """Build a validated Config from parsed TOML."""
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
@@ -241,7 +239,7 @@ def from_mapping(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     groups_table = data.get("groups", {})
     if not isinstance(groups_table, dict):
         raise ConfigError(f"{source}: groups: expected a table of [groups.NAME], got {_show(groups_table)}")
-    config = Config(source=source, base_dir=base_dir)
+    config = Config(source=source, base_dir=os.fspath(base_dir))
     for key in TOP_KEYS - {"groups"}:
         if key in data:
             setattr(config, key, data[key])

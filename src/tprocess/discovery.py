@@ -17,7 +17,10 @@ import signal
 import time
 from dataclasses import dataclass
 
-from .slots import marker_name
+
+def marker_name(uid: int, name: str) -> str:
+    """The name of the memfd (the slot table) that every process of an instance holds."""
+    return f"tprocess:{uid}:{name}"
 
 
 @dataclass(frozen=True)

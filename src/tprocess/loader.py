@@ -31,7 +31,7 @@ def resolve_config(config: Config) -> None:
                 setattr(group, key, resolve(ref, config.base_dir, f"{where}: {key}", takes_ctx=True))
 
 
-def resolve(ref: TaskRef, base_dir: Path, where: str, takes_ctx: bool = True) -> Callable[..., Any]:
+def resolve(ref: TaskRef, base_dir: str, where: str, takes_ctx: bool = True) -> Callable[..., Any]:
     """Import a reference and return a callable taking one argument (ctx)."""
     func = ref if callable(ref) else _import_ref(ref, base_dir, where)
     if not callable(func):
@@ -39,10 +39,10 @@ def resolve(ref: TaskRef, base_dir: Path, where: str, takes_ctx: bool = True) ->
     return _adapt(func, where) if takes_ctx else func
 
 
-def _import_ref(ref: str, base_dir: Path, where: str) -> Any:
+def _import_ref(ref: str, base_dir: str, where: str) -> Any:
     target, _, attr = ref.rpartition(":")
     if target.endswith(".py") or "/" in target:
-        module = _import_file(base_dir / target, ref, where)
+        module = _import_file(Path(base_dir) / target, ref, where)
     else:
         module = _import_module(target, base_dir, ref, where)
     obj: Any = module
@@ -74,7 +74,7 @@ def _import_file(path: Path, ref: str, where: str) -> ModuleType:
     return module
 
 
-def _import_module(name: str, base_dir: Path, ref: str, where: str) -> ModuleType:
+def _import_module(name: str, base_dir: str, ref: str, where: str) -> ModuleType:
     folder = str(base_dir)
     if folder not in sys.path:
         sys.path.insert(0, folder)

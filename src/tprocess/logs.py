@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 log = logging.getLogger("tprocess")
 
@@ -26,25 +25,26 @@ def set_title(title: str) -> None:
     _title = title
 
 
-def default_log_file(name: str) -> Path:
+def default_log_file(name: str) -> str:
     """Where a detached instance logs unless told otherwise: the user's state folder."""
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
-    return Path(base) / "tprocess" / f"{name}.log"
+    return os.path.join(base, "tprocess", f"{name}.log")
 
 
 def open_log_file(path: str | os.PathLike[str]) -> int:
     """Open a log file for appending; raise ConfigError with a clear message."""
     from .config import ConfigError
 
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise ConfigError(f"log_file {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ConfigError(f"log_file {path!r}: folder {folder!r} does not exist")
     try:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     except OSError as exc:
-        raise ConfigError(f"log_file {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(f"log_file {path!r}: {exc.strerror}") from None
     except ValueError as exc:  # an embedded NUL
-        raise ConfigError(f"log_file {str(path)!r}: {exc}") from None
+        raise ConfigError(f"log_file {path!r}: {exc}") from None
 
 
 def configure(level: str = "INFO", stream=None) -> None:

@@ -13,6 +13,8 @@ import ctypes
 import mmap
 import os
 
+from .discovery import marker_name
+
 STARTING, IDLE, BUSY, STOPPING = 0, 1, 2, 3
 STATE_NAMES = {STARTING: "starting", IDLE: "idle", BUSY: "busy", STOPPING: "stopping"}
 
@@ -23,11 +25,6 @@ class Slot(ctypes.Structure):
         ("tasks", ctypes.c_uint64),
         ("errors", ctypes.c_uint64),
     ]
-
-
-def marker_name(uid: int, name: str) -> str:
-    """The memfd name that marks every process of instance `name` of user `uid`."""
-    return f"tprocess:{uid}:{name}"
 
 
 class SlotTable:
