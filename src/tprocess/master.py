@@ -9,6 +9,7 @@ timer (a backoff respawn or a stop deadline) is due: an idle master never wakes.
 
 from __future__ import annotations
 
+import _signal
 import gc
 import json
 import os
@@ -32,6 +33,7 @@ HANDLED_SIGNALS = (
 )
 PR_SET_CHILD_SUBREAPER = 36
 ADOPTED_GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
+SWEEP_DELAY = 0.2  # seconds after a worker's exit before looking for what it left
 BACKOFF_BASE = 0.1
 
 
@@ -83,8 +85,10 @@ class Master:
         self.partial: dict[socket.socket, bytes] = {}  # requests still arriving
         self.report = StopReport()
         self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
+        self.sweep_at: float | None = None  # when to look for what exited workers left
         self.exit_code = 0
         self._build_table()
+        self.awaiting = {w.slot for w in self.workers}  # start-up ends when none is left
 
     # --- set-up -----------------------------------------------------------------
 
@@ -148,6 +152,8 @@ class Master:
         due = [w.respawn_at for w in self.workers if w.respawn_at is not None and not self.stopping]
         due += [w.stop_deadline for w in self.workers if w.pid and w.stop_deadline is not None]
         due += [t for t in self.adopted.values() if t is not None]
+        if self.sweep_at is not None:
+            due.append(self.sweep_at)
         if self.pending_signals:
             return 0
         return max(0.0, min(due) - time.monotonic()) if due else None
@@ -202,20 +208,20 @@ class Master:
             title=w.title, group=w.group.name, index=w.index,
             task=w.group.task, setup=w.group.setup, teardown=w.group.teardown,  # type: ignore[arg-type]
             slot=self.slots[w.slot], slot_number=w.slot, report=self.report_w,
-            master_pid=self.pid, title_output=self.detached,
+            master_pid=self.pid, title_output=self.detached, report_ready=self.starting,
         )
         self.slots[w.slot].state = STARTING  # not the state its predecessor died in
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
         try:
             pid = os.fork()
         except OSError as exc:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
             log.error("cannot fork %s: %s; retrying in 1s", w.title, exc.strerror)
             w.respawn_at = time.monotonic() + 1.0
             return
         if pid == 0:
             worker.run(spec, self._master_only_fds())
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
         w.pid = pid
         w.started_at = time.monotonic()
         self.by_pid[pid] = w
@@ -242,8 +248,10 @@ class Master:
                 log.info("reaped pid %d, left behind by a task: it %s", pid, describe_status(status))
             else:
                 self.on_worker_exit(w, status)
-        if exited:
-            self.sweep_adopted()
+        if exited and self.sweep_at is None:
+            # a worker's exit may leave its own children to us: look a little later,
+            # off the respawn path (reading /proc competes with the new worker)
+            self.sweep_at = time.monotonic() + SWEEP_DELAY
 
     def on_worker_exit(self, w: Worker, status: int) -> None:
         uptime = time.monotonic() - w.started_at
@@ -269,6 +277,7 @@ class Master:
         limit = self.config.group_max_failures(w.group)
         if w.failures >= limit:
             w.failed = True
+            self.awaiting.discard(w.slot)
             log.error(
                 "%s failed %d times in a row within %.1fs of starting; not restarting it",
                 w.title, w.failures, self.config.group_min_uptime(w.group),
@@ -291,6 +300,9 @@ class Master:
         for w in self.workers:
             if w.pid and w.stop_deadline is not None and w.stop_deadline <= now:
                 self.kill_worker(w, "its graceful timeout passed")
+        if self.sweep_at is not None and self.sweep_at <= now:
+            self.sweep_at = None
+            self.sweep_adopted()
         for pid, kill_at in self.adopted.items():
             if kill_at is not None and kill_at <= now:
                 self.adopted[pid] = None
@@ -308,12 +320,13 @@ class Master:
             w = self.workers[int(number)]
             if kind == b"R":
                 w.ready = True
+                self.awaiting.discard(w.slot)
             elif kind == b"E":
                 self.setup_errors[w.group.name] = message.split(b"\n", 1)[1].decode(errors="replace")
         self._check_started()
 
     def _check_started(self) -> None:
-        if self.starting and all(w.ready or w.failed for w in self.workers):
+        if self.starting and not self.awaiting:
             self.starting = False
             running = sum(1 for w in self.workers if not w.failed)
             log.info("%d of %d workers are running", running, len(self.workers))
