@@ -145,7 +145,8 @@ def _stop_master(name: str, conn: Any, timeout: float | None) -> int:
     finally:
         os.close(pidfd)
     if reply is None:
-        click.echo(f"the master (pid {master_pid}) ended without reporting the stop", err=True)
+        click.echo(f"tprocess: error: the master (pid {master_pid}) ended without reporting "
+                   "the stop; stopping what it left", err=True)
         _stop_leftovers(name, timeout)
         return EXIT_FAILED
     stopped = ", ".join(f"{w['name']} (pid {w['pid']})" for w in reply["stopped"])
@@ -185,6 +186,9 @@ def status(name: str | None, config_file: str | None, as_json: bool) -> int:
         _, reply = control.request(name, {"cmd": "status"})
     except control.NotRunning:
         return _status_not_running(name, as_json)
+    except (OSError, ValueError) as exc:  # includes a time-out: the master did not answer
+        raise UserError(f"the master of {name!r} did not answer: {exc or type(exc).__name__}",
+                        EXIT_FAILED) from None
     _add_memory(reply)
     if as_json:
         import json

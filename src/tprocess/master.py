@@ -166,8 +166,15 @@ class Master:
             pass
 
     def _dispatch_signals(self) -> None:
-        while self.pending_signals:
-            signum = self.pending_signals.pop(0)
+        """Handle what arrived since the last turn, SIGCHLD once: one reap covers them all,
+        and workers dying during it must not keep the loop from its other duties."""
+        pending, self.pending_signals = self.pending_signals, []
+        reaped = False
+        for signum in pending:
+            if signum == signal.SIGCHLD:
+                if reaped:
+                    continue
+                reaped = True
             handler: Callable[[], None] = getattr(self, f"handle_{signal.Signals(signum).name.lower()}")
             handler()
 
@@ -260,7 +267,8 @@ class Master:
         w.stop_deadline = None
         log.info("worker %s (pid %d) %s after %.2fs", w.title, entry["pid"], describe_status(status), uptime)
         if self.stopping:
-            self.report.stopped.append(entry)
+            if not any(k["pid"] == entry["pid"] for k in self.report.killed):
+                self.report.stopped.append(entry)
             return
         w.died_before_ready = not w.ready
         if not self._start_failed(w):

@@ -67,6 +67,7 @@ class Supervisor:
 
     def start_detached(self, log_level: str = "INFO") -> StartResult:
         """Start as a daemon; return once every worker is up, or raise StartError."""
+        inherited = daemon.inherited_fds()
         self.prepare()
         log_path = str(self.config.log_file or logs.default_log_file(self.config.name))
         if not self.config.log_file:
@@ -81,7 +82,7 @@ class Supervisor:
             logs.configure(log_level)
             return Master(self.config, listener, notify_fd, detached=True).run()
 
-        message = daemon.detach(run_master, log_fd)
+        message = daemon.detach(run_master, log_fd, inherited)
         listener.close()
         os.close(log_fd)
         kind, _, detail = message.partition(" ")
