@@ -19,6 +19,7 @@ WORKLOAD = os.path.join(BENCH, "workload.py")
 FLOOR = os.path.join(BENCH, "floor.py")
 PY = sys.executable  # the project venv python: runs the floor and the peers' workers
 TPROCESS = os.path.join(os.path.dirname(sys.executable), "tprocess")
+RUN_TAG = os.urandom(2).hex()  # keeps pool names unique across harness runs
 GRACE_S = 10  # peers' graceful-stop timeout before SIGKILL (all set explicitly)
 
 
@@ -33,7 +34,7 @@ class Pool:
         self.records_path = os.path.join(dirpath, "records")
         open(self.records_path, "wb").close()
         self.records = pu.Records(self.records_path)
-        self.name = "bench-" + os.path.basename(dirpath)
+        self.name = f"bench-{RUN_TAG}-{os.path.basename(dirpath)}"
         self.env = dict(os.environ, BENCH_RECORDS=self.records_path, BENCH_MODE=mode,
                         PYTHONDONTWRITEBYTECODE="1")
         self.launcher = None
@@ -100,6 +101,7 @@ class Contestant:
     available = True
     reason = ""
     foreground = False  # the start command is the master itself (does not return)
+    cli_cmd = None  # a control-CLI call that touches no daemon: times the CLI's own startup
     version = ""
 
     def setup(self, log):
@@ -111,17 +113,38 @@ class Contestant:
     def find_master(self, pool, timeout):
         raise NotImplementedError
 
+    def ensure_master(self, pool):
+        """Look for the master if a start was interrupted before it was found."""
+        if pool.master is None and pool.launcher is not None:
+            try:
+                self.find_master(pool, 3)
+            except Exception:  # noqa: BLE001
+                pass
+
     def stop(self, pool):
         """Issue the stop; return a Popen for a stop command, or None."""
         raise NotImplementedError
 
     def force_cleanup(self, pool):
         """SIGKILL whatever is left of the pool: master first, then every pid seen."""
+        self.ensure_master(pool)
         if pool.master:
             pool.snapshot()
-            pu.kill_verified(pool.master, pool.master_start)
+            if pu.kill_verified(pool.master, pool.master_start):
+                # once it is dead its children are reparented to the harness (subreaper)
+                pu.wait_until(lambda: not pool.master_alive(), 5, 0.005)
         for pid, st in list(pool.known.items()):
             pu.kill_verified(pid, st)
+        # workers forked after the snapshot were reparented to the harness (subreaper):
+        # every child of the harness that is not one of its own commands is such an orphan
+        me = os.getpid()
+        for _ in range(3):
+            for pid, (state, ppid) in pu.all_procs().items():
+                if ppid == me and state != "Z" and pid not in pool.reaper.popens:
+                    st = pu.read_stat(pid)
+                    if st:
+                        pu.kill_verified(pid, st[3])
+            time.sleep(0.05)
         pool.records.poll()
         for pid in list(pool.records.first_s):
             s = pu.read_stat(pid)
@@ -170,7 +193,8 @@ class TProcess(Contestant):
             self.version = "?"
         p = pu.run([TPROCESS, "--version"], capture_output=True, text=True, timeout=30)
         if p.returncode == 0 and p.stdout.strip():
-            self.version = p.stdout.strip().splitlines()[0]
+            self.version = p.stdout.strip().splitlines()[0].split()[-1]
+        self.cli_cmd = [TPROCESS, "--version"]
 
     def start(self, pool):
         pool.launcher = pool.popen([TPROCESS, "start", "bench/workload.py:task", "-n", str(pool.n),
@@ -211,6 +235,7 @@ class Supervisord(Contestant):
         if p.returncode != 0:
             raise Unavailable("supervisord --version failed")
         self.version = p.stdout.strip()
+        self.cli_cmd = [os.path.join(se.VBIN, "supervisorctl"), "-h"]
 
     def _conf(self, pool):
         d = pool.dir
@@ -276,7 +301,8 @@ class Circus(Contestant):
                            capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             raise Unavailable("circusd --version failed: " + (p.stderr.strip()[-100:]))
-        self.version = p.stdout.strip().splitlines()[-1]
+        self.version = p.stdout.strip().splitlines()[-1].split()[-1]
+        self.cli_cmd = [os.path.join(se.VBIN, "circusctl"), "--version"]
 
     def start(self, pool):
         d = pool.dir
@@ -339,7 +365,10 @@ class PM2(Contestant):
         eco = {"apps": [{
             "name": "w", "script": WORKLOAD, "interpreter": PY, "exec_mode": "fork",
             "instances": pool.n, "cwd": REPO, "autorestart": True, "kill_timeout": GRACE_S * 1000,
-            "out_file": "/dev/null", "error_file": "/dev/null", "pid_file": "/dev/null",
+            # never /dev/null here: PM2 deletes its pid files (and would delete /dev/null)
+            "out_file": os.path.join(pool.dir, "out.log"),
+            "error_file": os.path.join(pool.dir, "err.log"),
+            "pid_file": os.path.join(pool.dir, "w.pid"),
             "env": {"BENCH_RECORDS": pool.records_path, "BENCH_MODE": pool.mode},
         }]}
         path = os.path.join(pool.dir, "eco.json")
@@ -355,6 +384,7 @@ class PM2(Contestant):
         return pool.popen([se.PM2_BIN, "kill"])
 
     def force_cleanup(self, pool):
+        self.ensure_master(pool)
         if pool.master_alive():
             try:
                 p = pool.popen([se.PM2_BIN, "kill"])

@@ -32,8 +32,11 @@ def main():
                                                    cfg["start_ns"]),
               ("stop, busy workers (2 s tasks)", "stop_busy", cfg["busy_ns"])]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
-    for ax, (title, prefix, ns) in zip(axes, panels):
-        for name, samples in d["samples"].items():
+    for ax, (title, prefix, ns) in zip(axes, panels, strict=True):
+        order = [n for n in COLORS if n in d["samples"]] + \
+            [n for n in d["samples"] if n not in COLORS]
+        for name in order:
+            samples = d["samples"][name]
             xs, ys, err = series(samples, prefix, ns)
             if xs:
                 ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name,

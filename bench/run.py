@@ -18,7 +18,6 @@ import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,11 +33,11 @@ RUNS = os.path.join(se.WORK, "runs")
 
 MODES = {
     "full": dict(start_ns=[5, 100, 500], busy_ns=[5, 100], reps=3, cpu_s=10.0, kills=20,
-                 budget_s=14 * 60),
-    "quick": dict(start_ns=[5, 100], busy_ns=[5], reps=3, cpu_s=3.0, kills=8, budget_s=170),
+                 budget_s=850),
+    "quick": dict(start_ns=[5, 100], busy_ns=[5], reps=2, cpu_s=3.0, kills=8, budget_s=230),
 }
 RES_N = 100  # N for CPU / memory / respawn / zombies
-SETTLE_S = 1.0  # idle time after a pool is up, before it is measured or stopped
+SETTLE_S = 0.5  # idle time after a pool is up, before it is measured or stopped
 STOP_TIMEOUT_BUSY = 30.0
 
 
@@ -79,7 +78,7 @@ class Harness:
         self.samples.setdefault(c.name, {}).setdefault(metric, []).append(value)
 
     def err(self, c, what, e):
-        msg = f"{what}: {e}"
+        msg = f"{what}: {e}" if isinstance(e, RunError) else f"{what}: {type(e).__name__}: {e}"
         self.errors.setdefault(c.name, []).append(msg)
         log(f"    ! {c.name} {msg}")
 
@@ -148,13 +147,16 @@ class Harness:
             time.sleep(0.002)
         stop_s = (time.monotonic_ns() - t0) / 1e9
         rc = None
+        pool.stop_cmd_s = stop_s
         if pool.stopper is not None:
             if pu.wait_until(lambda: pool.stopper.poll() is not None, 30, 0.005):
                 rc = pool.stopper.returncode
+                pool.stop_cmd_s = (time.monotonic_ns() - t0) / 1e9
             else:
                 self.warnings.append(f"{c.name}: stop command still running 30 s after the pool died")
         pool.records.poll()
         cut = pool.records.cut_tasks(pids)
+        pool.stopped_ok = True
         return stop_s, rc, cut
 
     def finish(self, pool):
@@ -162,15 +164,17 @@ class Harness:
         def leftovers():
             return [p for p, st in pool.known.items()
                     if (s := pu.read_stat(p)) and s[3] == st and s[0] != "Z"]
-        for p in (pool.launcher, getattr(pool, "stopper", None)):
-            if p is not None and p.poll() is None:
-                pu.wait_until(lambda p=p: p.poll() is not None, 5, 0.01)
+        ok = getattr(pool, "stopped_ok", False)
+        if ok:  # a normal stop: give the commands a moment to return
+            for p in (pool.launcher, getattr(pool, "stopper", None)):
+                if p is not None and p.poll() is None:
+                    pu.wait_until(lambda p=p: p.poll() is not None, 5, 0.01)
         left = leftovers()
-        if left or (pool.launcher is not None and pool.launcher.poll() is None):
+        if not ok or left or (pool.launcher is not None and pool.launcher.poll() is None):
             pool.c.force_cleanup(pool)
             if not pu.wait_until(lambda: not leftovers(), 10, 0.01):
                 self.warnings.append(f"{pool.c.name}: pids {leftovers()} survived SIGKILL")
-            elif left:
+            elif ok and left:
                 self.warnings.append(f"{pool.c.name}: {len(left)} process(es) left after its "
                                      f"stop, SIGKILLed by the harness")
         pool.closed = True
@@ -197,11 +201,12 @@ class Harness:
             stop_s, rc, cut = self.stop_pool(pool, stop_timeout(n))
             self.add(c, f"stop_idle_{n}", stop_s)
             self.add(c, f"cut_idle_{n}", cut)
+            self.add(c, f"stop_cmd_idle_{n}", pool.stop_cmd_s)
             if rc is not None:
                 self.add(c, f"stop_rc_idle_{n}", rc)
             log(f"    {c.name:12s} N={n:<4d} start {start_s*1e3:8.1f} ms (cmd {cmd_s*1e3:8.1f}) "
                 f"stop {stop_s*1e3:8.1f} ms rc={rc}")
-        except RunError as e:
+        except Exception as e:  # noqa: BLE001  (RunError or anything unexpected)
             self.err(c, f"idle N={n}", e)
         finally:
             self.finish(pool)
@@ -220,7 +225,7 @@ class Harness:
             if rc is not None:
                 self.add(c, f"stop_rc_busy_{n}", rc)
             log(f"    {c.name:12s} N={n:<4d} busy stop {stop_s*1e3:8.1f} ms cut={cut} rc={rc}")
-        except RunError as e:
+        except Exception as e:  # noqa: BLE001  (RunError or anything unexpected)
             self.err(c, f"busy N={n}", e)
         finally:
             self.finish(pool)
@@ -237,7 +242,7 @@ class Harness:
             self.add(c, "empty_rate", rate)
             self.stop_pool(pool, 20)
             log(f"    {c.name:12s} empty task loop {rate:,.0f} tasks/s")
-        except RunError as e:
+        except Exception as e:  # noqa: BLE001  (RunError or anything unexpected)
             self.err(c, "empty", e)
         finally:
             self.finish(pool)
@@ -277,8 +282,8 @@ class Harness:
             zmax = max(zmax, z)
             return z
 
-        for i in range(kills):
-            end = time.monotonic() + self.rng.uniform(0.1, 0.6)  # random gap
+        for _ in range(kills):
+            end = time.monotonic() + self.rng.uniform(0.1, 0.4)  # random gap
             while time.monotonic() < end:
                 zsample()
                 time.sleep(0.005)
@@ -339,8 +344,13 @@ class Harness:
             try:
                 c.setup(inst_log)
                 self.smoke(c)
-            except (cs.Unavailable, RunError, OSError, subprocess.SubprocessError) as e:
+            except Exception as e:  # noqa: BLE001
                 c.available, c.reason = False, str(e)
+            if c.available and c.cli_cmd:
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    pu.run(c.cli_cmd, capture_output=True, timeout=30, cwd=REPO)
+                    self.add(c, "cli_s", time.monotonic() - t0)
             self.contestants.append(c)
             state = f"version {c.version}" if c.available else f"n/a ({c.reason})"
             log(f"  {c.name:12s} {state}   [setup+smoke {time.monotonic() - t:.1f} s]")
@@ -357,13 +367,16 @@ class Harness:
             for n in cfg["busy_ns"]:
                 plan.append(("busy", n, r))
             plan.append(("empty", 1, r))
+        took = {}  # (kind, n) -> seconds its block took in the first rep
         for kind, n, r in plan:
-            if self.elapsed() > cfg["budget_s"]:
-                self.warnings.append(f"time budget of {cfg['budget_s']} s reached: skipped the "
-                                     f"rest from rep {r + 1} {kind} N={n} on")
-                log("  ! time budget reached, skipping the remaining runs")
-                break
+            est = took.get((kind, n), 0)
+            if self.elapsed() + est > cfg["budget_s"]:
+                self.warnings.append(f"time budget ({cfg['budget_s']} s): skipped rep {r + 1} "
+                                     f"{kind} N={n} (would take ~{est:.0f} s more)")
+                log(f"  ! time budget: skipping rep {r + 1} {kind} N={n}")
+                continue
             log(f"  rep {r + 1}/{reps} {kind} N={n}  [{self.elapsed():.0f} s]")
+            t_block = time.monotonic()
             for c in active:
                 if kind == "idle":
                     self.run_idle(c, n, kills[r] if n == RES_N else 0)
@@ -371,6 +384,7 @@ class Harness:
                     self.run_busy(c, n)
                 else:
                     self.run_empty(c)
+            took.setdefault((kind, n), time.monotonic() - t_block)
 
     def cleanup_all(self):
         for pool in list(self.live_pools):
@@ -411,6 +425,7 @@ def build_rows(h):
         ("respawn median", "respawn_ms", "ms"),
         ("respawn max", "respawn_ms:max", "ms"),
         (f"master CPU idle (N={RES_N})", "cpu_pct", "pct"),
+        ("control CLI startup (no daemon call)", "cli_s", "time"),
         (f"master RSS (N={RES_N})", "rss_mib", "mib"),
         (f"workers total PSS (N={RES_N})", "pss_mib", "mib"),
         ("zombies max during kills", "zombies_during:max", "int"),
@@ -457,7 +472,13 @@ def tables(h):
                 cells.append(f"{sum(xs)} of {len(xs)} runs" if xs else "n/a")
                 continue
             v, cnt = value(h, c.name, key)
-            cells.append(fmt(kind, v))
+            if kind == "pct" and v == 0:
+                cells.append(f"0 (< {100 / (pu.CLK_TCK * h.cfg['cpu_s']):.2g} %)")
+            elif key == "cli_s" and v is None:
+                cells.append({"floor": "- (signal)", "pm2": "n/a (any pm2 call spawns a daemon)"}
+                             .get(c.name, "n/a"))
+            else:
+                cells.append(fmt(kind, v))
         out.append(f"| {label} | " + " | ".join(cells) + " |")
 
     def ratio_table(title, base_names, subject_names):
@@ -475,8 +496,15 @@ def tables(h):
                         continue
                     vs, _ = value(h, s, key)
                     vb, _ = value(h, b, key)
-                    cells.append(f"x{vs / vb:.2f}" if vs is not None and vb else "n/a")
-            t.append(f"| {label} | " + " | ".join(cells) + " |")
+                    if vs is None or vb is None:
+                        cells.append("n/a")
+                    elif vb == 0 or (kind == "pct" and vs == 0):
+                        cells.append("- (0 ticks)" if kind == "pct" else "- (base 0)")
+                    else:
+                        r_ = vs / vb
+                        cells.append(f"x{r_:.2f}" if r_ >= 0.1 else f"x{r_:.2g}")
+            if any(x.startswith("x") for x in cells):
+                t.append(f"| {label} | " + " | ".join(cells) + " |")
         return t + [""]
 
     avail = [c.name for c in cs_ if c.available]
@@ -555,15 +583,19 @@ def write_report(h, args, total_s, plot_path):
         "the stop is issued 1 s after the last worker began its first task. Tasks cut = start "
         "records without an end record among the pool's pids.",
         f"- **respawn**: SIGKILL a worker whose parent is the master, time until a new pid "
-        f"writes a start record; {h.cfg['kills']} kills at random 0.1-0.6 s gaps, split across "
+        f"writes a start record; {h.cfg['kills']} kills at random 0.1-0.4 s gaps, split across "
         f"the N={RES_N} runs.",
         f"- **master CPU**: utime+stime of the master over {h.cfg['cpu_s']:.0f} s of idle pool, "
         "as % of one core. RSS: master VmRSS. PSS: sum of workers' smaps_rollup Pss.",
         "- **zombies**: state Z children of the master, sampled every 20 ms during the kills "
         "(max) and 1 s after the last respawn.",
         "- **empty-task loop**: one worker runs a task that only counts calls; after 1000 "
-        "warm-up calls it times >= 0.5 s of calls and reports. For the exec'd peers this is the "
-        "script's own `while not stopping: task(ctx)` loop, so their figures are the same loop.",
+        "warm-up calls it times 5 windows of >= 0.2 s (reading the clock only at doubling call "
+        "counts) and reports the fastest. For the exec'd peers this is the script's own "
+        "`while not stopping: task(ctx)` loop (the floor's loop is the same), so the three peer "
+        "figures measure one loop and differ only by noise.",
+        "- Times are medians over runs; master CPU resolution is one clock tick "
+        f"({1000 // pu.CLK_TCK} ms) over the window. Other work on the machine adds noise.",
         "",
     ]
     raw = ["<details><summary>raw samples</summary>", "", "```"]
@@ -632,7 +664,7 @@ def main():
     start = lines.index("### Absolute (median of runs unless noted)")
     end = next((i for i, ln in enumerate(lines) if ln.startswith("### What is measured")), len(lines))
     log("\n".join(ln for ln in lines[start:end] if not ln.startswith("![")))
-    log(f"versions: " + "; ".join(f"{c.name} {c.version if c.available else 'n/a'}"
+    log("versions: " + "; ".join(f"{c.name} {c.version if c.available else 'n/a'}"
                                   for c in h.contestants))
     log(f"wrote {args.out}, {json_path}" + (f", {png}" if png else "") + f"; total {total:.0f} s")
     return 130 if interrupted else 0

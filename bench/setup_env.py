@@ -4,7 +4,6 @@ and matplotlib from PyPI, and PM2 from the npm registry."""
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import procutil as pu

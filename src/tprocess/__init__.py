@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__version__ = "0.1.0"
+
 _EXPORTS = {
     "Config": "config", "ConfigError": "config", "GroupConfig": "config",
     "StartError": "supervisor", "StartResult": "supervisor", "Supervisor": "supervisor",

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import control, discovery
+from . import __version__, control, discovery
 from .config import DEFAULT_NAME, Config, ConfigError, check_name, check_seconds, load_file
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
@@ -49,7 +49,7 @@ def _fail(message: str, code: int) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="tprocess")
+@click.version_option(version=__version__, prog_name="tprocess")
 def cli() -> None:
     """Keep N named Python worker processes alive under one master."""
 

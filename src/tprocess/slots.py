@@ -9,7 +9,6 @@ name marks every process of the instance: process discovery looks for it in
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 
@@ -19,12 +18,35 @@ STARTING, IDLE, BUSY, STOPPING = 0, 1, 2, 3
 STATE_NAMES = {STARTING: "starting", IDLE: "idle", BUSY: "busy", STOPPING: "stopping"}
 
 
-class Slot(ctypes.Structure):
-    _fields_ = [
-        ("state", ctypes.c_uint64),
-        ("tasks", ctypes.c_uint64),
-        ("errors", ctypes.c_uint64),
-    ]
+STATE, TASKS, ERRORS = 0, 1, 2  # the 64-bit words of a slot
+WORDS_PER_SLOT = 3
+
+
+class Slot:
+    """One worker's words. The worker's task loop indexes `words` directly: a
+    memoryview store costs about a third less than a ctypes field's."""
+
+    __slots__ = ("words", "base")
+
+    def __init__(self, words: memoryview, base: int) -> None:
+        self.words = words
+        self.base = base
+
+    @property
+    def state(self) -> int:
+        return self.words[self.base + STATE]
+
+    @state.setter
+    def state(self, value: int) -> None:
+        self.words[self.base + STATE] = value
+
+    @property
+    def tasks(self) -> int:
+        return self.words[self.base + TASKS]
+
+    @property
+    def errors(self) -> int:
+        return self.words[self.base + ERRORS]
 
 
 class SlotTable:
@@ -32,10 +54,11 @@ class SlotTable:
 
     def __init__(self, name: str, count: int) -> None:
         self.fd = os.memfd_create(marker_name(os.getuid(), name), os.MFD_CLOEXEC)
-        size = max(ctypes.sizeof(Slot) * count, mmap.PAGESIZE)
+        size = max(8 * WORDS_PER_SLOT * count, mmap.PAGESIZE)
         os.ftruncate(self.fd, size)
         self._map = mmap.mmap(self.fd, size)
-        self._slots = (Slot * count).from_buffer(self._map)
+        words = memoryview(self._map).cast("Q")
+        self._slots = [Slot(words, i * WORDS_PER_SLOT) for i in range(count)]
 
     def __getitem__(self, index: int) -> Slot:
         return self._slots[index]

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import setproctitle
 
 from . import logs
-from .slots import BUSY, IDLE, STARTING, STOPPING, Slot
+from .slots import BUSY, ERRORS, IDLE, STARTING, STOPPING, TASKS, Slot
 
 # Exit codes of a worker; the master counts only failures towards backoff.
 EXIT_OK = 0  # planned exit: a stop was asked, or the task raised SystemExit(0)
@@ -164,6 +164,7 @@ def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
     which marks it idle: idle means safe to stop, busy means a task would be cut.
     """
     errors_in_row = 0
+    words, tasks_word, errors_word = slot.words, slot.base + TASKS, slot.base + ERRORS
     slot.state = BUSY
     while not ctx.stopping:
         try:
@@ -171,12 +172,12 @@ def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
         except SystemExit as exc:
             return _exit_code(exc)
         except BaseException:  # noqa: BLE001 - a failing task must not end the worker
-            slot.errors += 1
+            words[errors_word] += 1
             errors_in_row += 1
             logs.log.exception("task of %s raised", ctx.name)
             ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
             continue
-        slot.tasks += 1
+        words[tasks_word] += 1
         errors_in_row = 0
     return EXIT_OK
 
