@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -90,6 +91,32 @@ def test_idle_stop_does_not_wait_for_sleep(inst):
 
 
 def signal_pid(pid: int, sig: int) -> None:
-    import os
-
     os.kill(pid, sig)
+
+
+def test_titles_for_ps_comm_pgrep_and_a_detached_session(tmp_path):
+    """ps -o comm and pgrep -x see the titles (comm is cut at 15 characters, so use a short
+    name); a detached master has no controlling terminal and its own session."""
+    import subprocess
+    import uuid
+
+    from helpers import Instance
+
+    inst = Instance(f"p{uuid.uuid4().hex[:4]}", tmp_path)  # 'pXXXX-master' fits in comm
+    try:
+        inst.write("jobs.py", SLEEPER)
+        inst.start("jobs.py:work", "-n", "2")
+        master = inst.master()
+        comm = subprocess.run(["ps", "-o", "comm=", "-p", str(master.pid)],
+                              capture_output=True, text=True).stdout.strip()
+        assert comm == f"{inst.name}-master"
+        found = subprocess.run(["pgrep", "-x", f"{inst.name}-1"], capture_output=True, text=True)
+        assert [int(p) for p in found.stdout.split()] == [inst.wait_workers(2)[f"{inst.name}-1"].pid]
+        with open(f"/proc/{master.pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        session, tty = int(fields[3]), int(fields[4])
+        assert tty == 0, "a detached master must have no controlling terminal"
+        assert session != os.getsid(0)
+        assert inst.stop().returncode == 0
+    finally:
+        inst.cleanup()

@@ -49,11 +49,9 @@ class Worker:
     started_at: float = 0.0
     restarts: int = 0
     failures: int = 0  # consecutive early deaths
-    respawn_at: float | None = None
     failed: bool = False
     ready: bool = False
     died_before_ready: bool = False
-    stop_deadline: float | None = None
 
 
 @dataclass
@@ -77,7 +75,8 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self.pending_signals: list[int] = []
         self.stopping = False
-        self.forced = False
+        self.respawns: dict[int, float] = {}  # slot -> when to restart it (backoff)
+        self.kill_at: dict[str, float] = {}  # group -> when stopping workers get SIGKILL
         self.starting = True
         self.start_error: str | None = None
         self.setup_errors: dict[str, str] = {}
@@ -149,8 +148,8 @@ class Master:
             key.data(key.fileobj)
 
     def _next_timeout(self) -> float | None:
-        due = [w.respawn_at for w in self.workers if w.respawn_at is not None and not self.stopping]
-        due += [w.stop_deadline for w in self.workers if w.pid and w.stop_deadline is not None]
+        due = [] if self.stopping else list(self.respawns.values())
+        due += self.kill_at.values()
         due += [t for t in self.adopted.values() if t is not None]
         if self.sweep_at is not None:
             due.append(self.sweep_at)
@@ -210,7 +209,7 @@ class Master:
     # --- workers ------------------------------------------------------------------------
 
     def spawn(self, w: Worker) -> None:
-        w.respawn_at = None
+        self.respawns.pop(w.slot, None)
         spec = worker.WorkerSpec(
             title=w.title, group=w.group.name, index=w.index,
             task=w.group.task, setup=w.group.setup, teardown=w.group.teardown,  # type: ignore[arg-type]
@@ -224,7 +223,7 @@ class Master:
         except OSError as exc:
             _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
             log.error("cannot fork %s: %s; retrying in 1s", w.title, exc.strerror)
-            w.respawn_at = time.monotonic() + 1.0
+            self.respawns[w.slot] = time.monotonic() + 1.0
             return
         if pid == 0:
             worker.run(spec, self._master_only_fds())
@@ -264,7 +263,6 @@ class Master:
         uptime = time.monotonic() - w.started_at
         entry = {"name": w.title, "pid": w.pid, "exit": os.waitstatus_to_exitcode(status)}
         w.pid = 0
-        w.stop_deadline = None
         log.info("worker %s (pid %d) %s after %.2fs", w.title, entry["pid"], describe_status(status), uptime)
         if self.stopping:
             if not any(k["pid"] == entry["pid"] for k in self.report.killed):
@@ -295,19 +293,22 @@ class Master:
         delay = backoff_delay(w.failures, self.config.group_backoff_max(w.group))
         if delay > 0:
             log.warning("restarting %s in %.1fs (failure %d in a row)", w.title, delay, w.failures)
-            w.respawn_at = time.monotonic() + delay
+            self.respawns[w.slot] = time.monotonic() + delay
         else:
             self.spawn(w)
 
     def _run_due_timers(self) -> None:
         now = time.monotonic()
         if not self.stopping:
-            for w in self.workers:
-                if w.respawn_at is not None and w.respawn_at <= now:
-                    self.spawn(w)
-        for w in self.workers:
-            if w.pid and w.stop_deadline is not None and w.stop_deadline <= now:
-                self.kill_worker(w, "its graceful timeout passed")
+            for slot, when in list(self.respawns.items()):
+                if when <= now:
+                    self.spawn(self.workers[slot])
+        for group, when in list(self.kill_at.items()):
+            if when <= now:
+                del self.kill_at[group]
+                for w in list(self.by_pid.values()):
+                    if w.group.name == group:
+                        self.kill_worker(w, "its graceful timeout passed")
         if self.sweep_at is not None and self.sweep_at <= now:
             self.sweep_at = None
             self.sweep_adopted()
@@ -375,23 +376,21 @@ class Master:
         now = time.monotonic()
         live = [w for w in self.workers if w.pid]
         log.info("stopping (%s): asking %d workers to finish their tasks", why, len(live))
-        for w in self.workers:
-            w.respawn_at = None
-            if w.pid:
-                grace = self.config.group_timeout(w.group) if timeout is None else timeout
-                w.stop_deadline = now + grace
-                _signal_child(w.pid, signal.SIGTERM)
+        self.respawns.clear()
+        for group in self.config.groups:
+            grace = self.config.group_timeout(group) if timeout is None else timeout
+            self.kill_at[group.name] = now + grace
+        for w in live:
+            _signal_child(w.pid, signal.SIGTERM)
         self.sweep_adopted()
 
     def force_stop(self) -> None:
-        self.forced = True
-        for w in self.workers:
-            if w.pid:
-                self.kill_worker(w, "a stop-now was asked")
+        self.kill_at.clear()
+        for w in list(self.by_pid.values()):
+            self.kill_worker(w, "a stop-now was asked")
 
     def kill_worker(self, w: Worker, why: str) -> None:
         state = self.slots[w.slot].state
-        w.stop_deadline = None
         if state == BUSY:
             log.error("killing %s (pid %d) in the middle of a task: %s", w.title, w.pid, why)
         else:
@@ -499,7 +498,7 @@ class Master:
             state = STATE_NAMES[slot.state]
         elif w.failed:
             state = "failed"
-        elif w.respawn_at is not None:
+        elif w.slot in self.respawns:
             state = "backoff"
         else:
             state = "stopped"

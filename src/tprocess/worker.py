@@ -105,7 +105,7 @@ def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
     except BaseException:  # noqa: BLE001 - a worker must never return into master code
         logs.log.exception("worker %s failed", spec.title)
     finally:
-        _exit(code)
+        _exit(code, spec.master_pid)
 
 
 def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
@@ -239,8 +239,10 @@ def _close(fd: int) -> None:
         pass
 
 
-def _exit(code: int) -> NoReturn:
-    _terminate_own_children()
+def _exit(code: int, master_pid: int = 0) -> NoReturn:
+    if master_pid and os.getppid() != master_pid:
+        # the master is gone: nobody will adopt what the task started, so pass the stop on
+        _terminate_own_children()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
