@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 MAX_REQUEST = 4096
@@ -119,3 +121,76 @@ def request(name: str, message: dict[str, Any], timeout: float = 5.0) -> tuple[i
 def trusted(sock: socket.socket) -> bool:
     """Serve only our own user, or root."""
     return peer_uid(sock) in (os.getuid(), 0)
+
+
+# --- the master's end ---------------------------------------------------------------
+
+Handler = Callable[[socket.socket, dict[str, Any]], None]
+
+
+class Server:
+    """Serves requests from the master's selector without ever blocking its loop.
+
+    A handler gets the connection and the request; it answers with `reply`, now or
+    later (a stop is answered once the instance has stopped).
+    """
+
+    def __init__(self, listener: socket.socket, selector: selectors.BaseSelector,
+                 handlers: dict[str, Handler]) -> None:
+        self.selector = selector
+        self.handlers = handlers
+        self.partial: dict[socket.socket, bytes] = {}  # requests still arriving
+        selector.register(listener, selectors.EVENT_READ, self._on_accept)
+
+    def _on_accept(self, listener: socket.socket) -> None:
+        try:
+            conn, _ = listener.accept()
+        except BlockingIOError:
+            return
+        if not trusted(conn):
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.selector.register(conn, selectors.EVENT_READ, self._on_readable)
+
+    def _on_readable(self, conn: socket.socket) -> None:
+        buffered = self.partial.pop(conn, b"")
+        try:
+            data = conn.recv(MAX_REQUEST)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data == b"" or len(buffered) > MAX_REQUEST:
+            self.selector.unregister(conn)
+            conn.close()
+            return
+        buffered += data or b""
+        if b"\n" not in buffered:
+            self.partial[conn] = buffered
+            return
+        self.selector.unregister(conn)
+        self._dispatch(conn, buffered.split(b"\n", 1)[0])
+
+    def _dispatch(self, conn: socket.socket, line: bytes) -> None:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = None
+        command = request.get("cmd") if isinstance(request, dict) else None
+        handler = self.handlers.get(command) if isinstance(command, str) else None
+        if handler is None:
+            reply(conn, {"error": f"unknown request {line[:80]!r}"})
+        else:
+            handler(conn, request)
+
+
+def reply(conn: socket.socket, message: dict[str, Any]) -> None:
+    """Answer and close; a client that went away is not our problem."""
+    try:
+        conn.settimeout(2.0)
+        send(conn, message)
+    except OSError:
+        pass
+    finally:
+        conn.close()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import _signal
 import gc
-import json
 import os
 import selectors
 import signal
@@ -81,7 +80,6 @@ class Master:
         self.start_error: str | None = None
         self.setup_errors: dict[str, str] = {}
         self.stop_waiters: list[socket.socket] = []
-        self.partial: dict[socket.socket, bytes] = {}  # requests still arriving
         self.report = StopReport()
         self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
         self.sweep_at: float | None = None  # when to look for what exited workers left
@@ -103,7 +101,9 @@ class Master:
         self.report_r.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
         self.selector.register(self.report_r, selectors.EVENT_READ, self._on_report)
-        self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+        self.control = control.Server(self.listener, self.selector, {
+            "status": self.serve_status, "stop": self.serve_stop,
+        })
 
     def _install_signals(self) -> None:
         for sig in HANDLED_SIGNALS:
@@ -428,60 +428,20 @@ class Master:
         self.report.stopped.sort(key=lambda e: order[e["name"]])
         reply = {"master": self.pid, "stopped": self.report.stopped, "killed": self.report.killed}
         for conn in self.stop_waiters:
-            _reply(conn, reply)
+            control.reply(conn, reply)
         log.info(
             "stopped: %d workers exited, %d killed", len(self.report.stopped), len(self.report.killed)
         )
 
-    # --- control channel ------------------------------------------------------------------------
+    # --- control requests ----------------------------------------------------------------------
 
-    def _on_accept(self, listener: socket.socket) -> None:
-        try:
-            conn, _ = listener.accept()
-        except BlockingIOError:
-            return
-        if not control.trusted(conn):
-            conn.close()
-            return
-        conn.setblocking(False)
-        self.selector.register(conn, selectors.EVENT_READ, self._on_request)
+    def serve_status(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        control.reply(conn, self.status())
 
-    def _on_request(self, conn: socket.socket) -> None:
-        """Read a request without ever blocking the loop; answer once a full line is in."""
-        buffered = self.partial.pop(conn, b"")
-        try:
-            data = conn.recv(control.MAX_REQUEST)
-        except BlockingIOError:
-            data = None
-        except OSError:
-            data = b""
-        if data == b"" or len(buffered) > control.MAX_REQUEST:
-            self._drop(conn)
-            return
-        buffered += data or b""
-        if b"\n" not in buffered:
-            self.partial[conn] = buffered
-            return
-        self.selector.unregister(conn)
-        self._serve(conn, buffered.split(b"\n", 1)[0])
-
-    def _drop(self, conn: socket.socket) -> None:
-        self.selector.unregister(conn)
-        conn.close()
-
-    def _serve(self, conn: socket.socket, line: bytes) -> None:
-        try:
-            request = json.loads(line)
-        except ValueError:
-            request = None
-        command = request.get("cmd") if isinstance(request, dict) else None
-        if command == "status":
-            _reply(conn, self.status())
-        elif command == "stop":
-            self.stop_waiters.append(conn)
-            self.begin_stop("stop command", _timeout_of(request))
-        else:
-            _reply(conn, {"error": f"unknown request {line[:80]!r}"})
+    def serve_stop(self, conn: socket.socket, request: dict[str, Any]) -> None:
+        """Answered in _finish, once every worker is gone."""
+        self.stop_waiters.append(conn)
+        self.begin_stop("stop command", _timeout_of(request))
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -560,13 +520,3 @@ def _signal_child(pid: int, sig: int) -> None:
 def _become_subreaper() -> None:
     """Adopt what tasks leave behind, so nothing the instance started outlives it."""
     worker._libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-
-
-def _reply(conn: socket.socket, message: dict[str, Any]) -> None:
-    try:
-        conn.settimeout(2.0)
-        control.send(conn, message)
-    except OSError:
-        pass
-    finally:
-        conn.close()
