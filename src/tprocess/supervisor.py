@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import control, daemon, discovery, logs
-from .config import Config, GroupConfig, TaskRef, validate
+from .config import Config, ConfigError, GroupConfig, TaskRef, validate
 from .loader import resolve_config
 
 
@@ -71,7 +71,11 @@ class Supervisor:
         self.prepare()
         log_path = str(self.config.log_file or logs.default_log_file(self.config.name))
         if not self.config.log_file:
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"log_file {log_path!r} (the default): {exc.strerror}; "
+                                  "give --log-file") from None
         log_fd = logs.open_log_file(log_path)
         listener = self._take_lock()
         cleaned = self._clean_leftovers()
