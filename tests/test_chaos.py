@@ -263,9 +263,9 @@ def setup(ctx):
 def work(ctx):
     global _n
     _n += 1
-    _write("S", os.getpid(), _n, "%.6f" % time.time())
+    _write("S", os.getpid(), _n, "%.6f" % time.monotonic())
     time.sleep(2)
-    _write("E", os.getpid(), _n, "%.6f" % time.time())
+    _write("E", os.getpid(), _n, "%.6f" % time.monotonic())
 
 
 def teardown(ctx):
@@ -289,7 +289,7 @@ workers = {workers}
         return len({r[1] for r in read_records(records) if r[0] == "S"}) == workers
 
     wait_for(all_busy, 30, what=f"all {workers} workers in a task")
-    stop_at = time.time()
+    stop_at = time.monotonic()
     began = time.monotonic()
     stopped = inst.stop(timeout=120)
     took = time.monotonic() - began
@@ -325,7 +325,8 @@ def test_stop_under_load_soak(inst):
 
 # --- 4. signal storms --------------------------------------------------------------------
 
-# Every worker sleeps to the next half-second boundary of the wall clock and
+# Every worker sleeps to the next half-second boundary of CLOCK_MONOTONIC (shared by all
+# processes, immune to wall-clock jumps) and
 # exits there: all of them die together, a burst of SIGCHLD, twice a second.
 TOGETHER_TASK = '''
 import math, os, time
@@ -334,7 +335,7 @@ PERIOD = 0.5
 
 
 def work(ctx):
-    now = time.time()
+    now = time.monotonic()
     boundary = (math.floor(now / PERIOD) + 1) * PERIOD
     if boundary - now < 0.15:
         boundary += PERIOD
@@ -383,8 +384,8 @@ def test_sigterm_in_the_middle_of_respawns(inst):
     for offset in offsets:
         master = start(inst, "together.py:work", "-n", "20")
         wait_for(lambda m=master: len(live_workers(inst.name, m)) == 20, 10, what="20 workers")
-        boundary = (int(time.time() / 0.5) + 1) * 0.5
-        time.sleep(max(0.0, boundary + offset - time.time()))  # aim at the burst of deaths
+        boundary = (int(time.monotonic() / 0.5) + 1) * 0.5
+        time.sleep(max(0.0, boundary + offset - time.monotonic()))  # aim at the burst of deaths
         signal_master(inst, master, signal.SIGTERM)
         wait_for(lambda m=master: not alive(m), 10, what="the master to stop after SIGTERM")
         wait_for(lambda: not instance_procs(inst.name), 5, what="every process of the instance")

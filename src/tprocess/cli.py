@@ -104,9 +104,7 @@ def _start_config(task: str | None, workers: int | None, config_file: str | None
         return load_file(config_file)
     if not task:
         raise UserError("missing TASK (FILE.py:function or module:function) or -c/--config FILE")
-    config = one_task_config(DEFAULT_NAME, task, 1 if workers is None else workers)
-    config.source = "command line"
-    return config
+    return one_task_config(DEFAULT_NAME, task, 1 if workers is None else workers)
 
 
 # --- stop ---------------------------------------------------------------------------
