@@ -346,8 +346,9 @@ def work(ctx):
 
 @pytest.mark.timeout(60)
 def test_storm_of_harmless_signals(inst):
-    """SIGCHLD bursts from 30 workers dying together, plus bursts of SIGHUP and
-    stray SIGCHLD sent to the master: same master, full pool, nothing lingers."""
+    """SIGCHLD bursts from 30 workers dying together, plus bursts of SIGHUP (each burst
+    starts a reload and the rest of it is refused while it rolls) and stray SIGCHLD
+    sent to the master: same master, full pool, nothing lingers."""
     inst.write("together.py", TOGETHER_TASK)
     master = start(inst, "together.py:work", "-n", "30")
     rng = random.Random()
@@ -362,12 +363,16 @@ def test_storm_of_harmless_signals(inst):
         time.sleep(rng.uniform(0.02, 0.2))  # bursts at random moments of the cycle
     titles = {f"{inst.name}-{i}" for i in range(30)}
     wait_for(lambda: set(live_workers(inst.name, master)) == titles, 5, what="the full pool")
-    status = status_json(inst)
-    assert status["master"]["pid"] == master and status["master"]["state"] == "running"
+    status = wait_for(lambda: (s := status_json(inst))["master"]["state"] == "running" and s, 30,
+                      what="the last reload to finish")
+    assert status["master"]["pid"] == master
     assert all(w["pid"] for w in status["workers"]), status["workers"]
+    assert len(status["workers"]) == 30
     restarts = sum(w["restarts"] for w in status["workers"])
     assert restarts >= 30 * 3, f"the workers did not die together as planned: {restarts}"
-    assert "SIGHUP ignored" in inst.read_log()
+    log = inst.read_log()
+    if "reload (SIGHUP)" in log:  # a storm of SIGCHLD alone is possible, if unlikely
+        assert "refused" in log or "reload done" in log
     log_has_no_traceback(inst)
     print(f"\nsignal storm: {sent} signals to the master, {restarts} respawns, master {master} held")
     stopped = inst.stop()

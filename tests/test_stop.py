@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -232,8 +233,8 @@ def test_signal_to_whole_group_with_idle_workers_respawns_nothing(inst, sig):
     )
     inst.foreground.append(proc)
     workers = inst.wait_workers(4)
-    wait_for(lambda: inst.run("status", "--json").stdout.count('"idle"') == 4, 10,
-             what="4 idle workers")
+    wait_for(lambda: [w["state"] for w in json.loads(inst.run("status", "--json").stdout)["workers"]]
+             == ["idle"] * 4, 10, what="4 idle workers")
     os.killpg(proc.pid, sig)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

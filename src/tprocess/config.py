@@ -15,14 +15,23 @@ from typing import Any
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*")
 GROUP_RE = re.compile(r"[A-Za-z0-9_]+")
 MAX_NAME_LEN = 48
-MAX_WORKERS = 4096
+MAX_WORKERS = 4096  # the hard ceiling; max_workers (default 1024) is the working one
+DEFAULT_MAX_WORKERS = 1024
 MAX_TIMEOUT = 7 * 24 * 3600.0
+MIN_MEMORY = 1 << 20
 
 DEFAULT_NAME = "tprocess"
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_MIN_UPTIME = 1.0
 DEFAULT_MAX_FAILURES = 10
 DEFAULT_BACKOFF_MAX = 30.0
+DEFAULT_RELOAD_BATCH = 1
+SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|[KMGT]|B)?\s*", re.IGNORECASE)
+SIZE_UNITS = {
+    "": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
+    "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+}
 
 TaskRef = str | Callable[..., Any]
 
@@ -48,6 +57,12 @@ class GroupConfig:
     min_uptime: float | None = None
     max_failures: int | None = None
     backoff_max: float | None = None
+    task_timeout: float | None = None  # a task running longer is hung: SIGKILL and replace
+    setup_timeout: float | None = None  # a worker still in setup after this long is killed
+    max_tasks: int | None = None  # recycle a worker after this many tasks
+    max_memory: int | str | None = None  # recycle a worker whose RSS grew past this (bytes or "512MiB")
+    reload_batch: int | None = None  # workers replaced at a time by a rolling reload
+    refs: dict[str, TaskRef] = field(default_factory=dict, repr=False)  # as written, before import
 
     def title(self, prefix: str, index: int) -> str:
         return f"{prefix}-{self.name}-{index}" if self.name else f"{prefix}-{index}"
@@ -64,8 +79,12 @@ class Config:
     max_failures: int = DEFAULT_MAX_FAILURES
     backoff_max: float = DEFAULT_BACKOFF_MAX
     log_file: str | None = None
+    max_workers: int = DEFAULT_MAX_WORKERS
+    reload_batch: int = DEFAULT_RELOAD_BATCH
     base_dir: str = field(default_factory=os.getcwd)  # task paths are relative to it
     source: str = "command line"
+    path: str | None = None  # the config file's absolute path: what a reload reads again
+    overrides: dict[str, Any] = field(default_factory=dict)  # command-line options, kept over a reload
 
     def group_timeout(self, group: GroupConfig) -> float:
         return _first(group.graceful_timeout, self.graceful_timeout)
@@ -79,8 +98,18 @@ class Config:
     def group_backoff_max(self, group: GroupConfig) -> float:
         return _first(group.backoff_max, self.backoff_max)
 
+    def group_reload_batch(self, group: GroupConfig) -> int:
+        return int(_first(group.reload_batch, self.reload_batch))
+
     def total_workers(self) -> int:
         return sum(g.workers for g in self.groups)
+
+    def worker_limit(self) -> int:
+        """The most workers scale and reload may reach: max_workers, or more if started with more."""
+        return max(self.max_workers, self.total_workers())
+
+    def group(self, name: str) -> GroupConfig | None:
+        return next((g for g in self.groups if g.name == name), None)
 
 
 def _first(value: Any, default: Any) -> Any:
@@ -91,11 +120,12 @@ def _first(value: Any, default: Any) -> Any:
 
 TOP_KEYS = {
     "name", "graceful_timeout", "log_file", "groups",
-    "min_uptime", "max_failures", "backoff_max",
+    "min_uptime", "max_failures", "backoff_max", "max_workers", "reload_batch",
 }
 GROUP_KEYS = {
     "task", "workers", "setup", "teardown", "graceful_timeout",
     "min_uptime", "max_failures", "backoff_max",
+    "task_timeout", "setup_timeout", "max_tasks", "max_memory", "reload_batch",
 }
 
 
@@ -151,6 +181,24 @@ def check_count(value: Any, where: str) -> int:
     return value
 
 
+def check_size(value: Any, where: str) -> int:
+    """A memory size: a number of bytes, or a string like "512MiB", "2GiB", "300MB"."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{where}: expected a size like \"512MiB\" or a number of bytes, "
+                          f"got {_show(value)}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = SIZE_RE.fullmatch(value)
+        if not match:
+            raise ConfigError(f"{where}: {_show(value)} is not a size; use a number of bytes or units "
+                              "B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB)")
+        size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").lower()])
+    if not MIN_MEMORY <= size <= 1 << 50:
+        raise ConfigError(f"{where}: expected 1MiB to 1PiB, got {_show(value)}")
+    return size
+
+
 def check_ref(value: Any, where: str) -> TaskRef:
     if callable(value):
         return value
@@ -200,9 +248,30 @@ def validate(config: Config) -> Config:
             check_seconds(group.backoff_max, f"{where}: backoff_max", allow_zero=False)
         if group.max_failures is not None:
             check_count(group.max_failures, f"{where}: max_failures")
+        _check_guards(group, where)
+    check_worker_limit(config.max_workers, f"{src}: max_workers")
+    check_count(config.reload_batch, f"{src}: reload_batch")
     if config.total_workers() > MAX_WORKERS:
         raise ConfigError(f"{src}: {config.total_workers()} workers in all; at most {MAX_WORKERS}")
     return config
+
+
+def check_worker_limit(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"{where}: expected a whole number from 1 to {MAX_WORKERS}, got {_show(value)}")
+    return value
+
+
+def _check_guards(group: GroupConfig, where: str) -> None:
+    """The optional per-group protections against hung and leaking workers."""
+    for key in ("task_timeout", "setup_timeout"):
+        if getattr(group, key) is not None:
+            check_seconds(getattr(group, key), f"{where}: {key}", allow_zero=False)
+    for key in ("max_tasks", "reload_batch"):
+        if getattr(group, key) is not None:
+            check_count(getattr(group, key), f"{where}: {key}")
+    if group.max_memory is not None:
+        group.max_memory = check_size(group.max_memory, f"{where}: max_memory")
 
 
 # --- TOML -----------------------------------------------------------------------
@@ -226,7 +295,9 @@ def load_file(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{src}: not valid UTF-8 ({exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{src}: invalid TOML: {exc}") from None
-    return from_mapping(data, source=src, base_dir=os.path.dirname(os.path.abspath(src)))
+    config = from_mapping(data, source=src, base_dir=os.path.dirname(os.path.abspath(src)))
+    config.path = os.path.abspath(src)
+    return config
 
 
 def from_mapping(data: dict[str, Any], source: str, base_dir: str | os.PathLike[str]) -> Config:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -18,17 +20,65 @@ from typing import Any
 from .config import Config, ConfigError, TaskRef
 
 _file_modules: dict[Path, ModuleType] = {}
+_user_modules: set[str] = set()  # modules of the user's own code, imported by resolve_config
 
 
 def resolve_config(config: Config) -> None:
     """Replace every string reference in config by the callable it names."""
-    for group in config.groups:
-        where = f"{config.source}: groups.{group.name}" if group.name else config.source
-        group.task = resolve(group.task, config.base_dir, f"{where}: task", takes_ctx=True)
-        for key in ("setup", "teardown"):
-            ref = getattr(group, key)
-            if ref is not None:
-                setattr(group, key, resolve(ref, config.base_dir, f"{where}: {key}", takes_ctx=True))
+    before = set(sys.modules)
+    try:
+        for group in config.groups:
+            where = f"{config.source}: groups.{group.name}" if group.name else config.source
+            for key in ("task", "setup", "teardown"):
+                ref = getattr(group, key)
+                if ref is not None:
+                    group.refs.setdefault(key, ref)
+                    setattr(group, key, resolve(ref, config.base_dir, f"{where}: {key}", takes_ctx=True))
+    finally:
+        _user_modules.update(name for name in set(sys.modules) - before if _is_user_code(sys.modules[name]))
+
+
+def reload_code(config: Config) -> None:
+    """resolve_config with the user's modules imported afresh; on failure, put the old ones back."""
+    saved_modules = dict(sys.modules)
+    saved_files = dict(_file_modules)
+    saved_user = set(_user_modules)
+    for name in _user_modules:
+        sys.modules.pop(name, None)
+    _file_modules.clear()
+    _user_modules.clear()
+    importlib.invalidate_caches()
+    try:
+        resolve_config(config)
+    except BaseException:
+        sys.modules.clear()
+        sys.modules.update(saved_modules)
+        _file_modules.clear()
+        _file_modules.update(saved_files)
+        _user_modules.clear()
+        _user_modules.update(saved_user)
+        raise
+
+
+def _installed_dirs() -> tuple[str, ...]:
+    import site
+
+    paths = sysconfig.get_paths()
+    dirs = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
+    dirs.update(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.add(site.getusersitepackages())
+    dirs.add(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tprocess itself
+    return tuple(os.path.realpath(d) + os.sep for d in dirs)
+
+
+def _is_user_code(module: ModuleType | None) -> bool:
+    """A module of the user's own code: it has a source file outside the standard
+    library, the installed packages and tprocess itself."""
+    filename = getattr(module, "__file__", None)
+    if not filename:
+        return False
+    return not os.path.realpath(filename).startswith(_installed_dirs())
 
 
 def resolve(ref: TaskRef, base_dir: str, where: str, takes_ctx: bool = True) -> Callable[..., Any]:

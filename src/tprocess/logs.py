@@ -7,10 +7,22 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 
 log = logging.getLogger("tprocess")
 
 _title = "tprocess"
+_recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top`
+
+
+class _RecentLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        _recent.append(self.format(record))
+
+
+def recent_lines(count: int) -> list[str]:
+    """The last lines the master logged (its own, and its workers' when it carries them)."""
+    return list(_recent)[-count:]
 
 
 class _TitleFilter(logging.Filter):
@@ -54,7 +66,10 @@ def configure(level: str = "INFO", stream=None) -> None:
         logging.Formatter("%(asctime)s %(title)s[%(process)d] %(levelname)s %(message)s")
     )
     handler.addFilter(_TitleFilter())
-    log.handlers[:] = [handler]
+    recent = _RecentLines()
+    recent.setFormatter(handler.formatter)
+    recent.addFilter(_TitleFilter())
+    log.handlers[:] = [handler, recent]
     log.setLevel(level)
     log.propagate = False
 

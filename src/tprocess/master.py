@@ -4,7 +4,10 @@ Signal handlers only record the signal; the C-level wakeup fd wakes a selector,
 and the loop dispatches to `handle_<signal>` methods. One place reaps
 (`reap_children`, a WNOHANG loop, since SIGCHLDs coalesce). The loop sleeps in
 the selector until a signal, a worker report, a control request or the next
-timer (a backoff respawn or a stop deadline) is due: an idle master never wakes.
+timer is due: an idle master with no protection timers configured never wakes.
+
+The worker table and each worker's life cycle are in pool.py; reloads and scaling
+in roll.py; hung-task checks in guards.py; control requests in commands.py.
 """
 
 from __future__ import annotations
@@ -17,18 +20,23 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import setproctitle
 
 from . import control, logs, worker
-from .config import Config, ConfigError, GroupConfig, check_seconds
+from .commands import Commands, StopReport
+from .config import Config, GroupConfig
+from .guards import Guards
 from .logs import log
-from .slots import BUSY, STARTING, STATE_NAMES, SlotTable
+from .pool import LIVE, Group, Phase, Pool, Worker
+from .roll import Roller
+from .slots import BUSY, EXIT_REASON, RECYCLE_REASONS, STATE_NAMES, SlotTable
+from .timers import Timer, Timers
 
 HANDLED_SIGNALS = (
     signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGQUIT, signal.SIGHUP,
+    signal.SIGTTIN, signal.SIGTTOU,
 )
 PR_SET_CHILD_SUBREAPER = 36
 ADOPTED_GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
@@ -36,64 +44,53 @@ SWEEP_DELAY = 0.2  # seconds after a worker's exit before looking for what it le
 BACKOFF_BASE = 0.1
 
 
-@dataclass
-class Worker:
-    """One entry of the worker table: a named position that a process fills."""
-
-    group: GroupConfig
-    index: int  # index within the group: the I of the title
-    slot: int  # index into the shared slot table
-    title: str
-    pid: int = 0
-    started_at: float = 0.0
-    restarts: int = 0
-    failures: int = 0  # consecutive early deaths
-    failed: bool = False
-    ready: bool = False
-    died_before_ready: bool = False
-
-
-@dataclass
-class StopReport:
-    stopped: list[dict[str, Any]] = field(default_factory=list)
-    killed: list[dict[str, Any]] = field(default_factory=list)
-
-
 class Master:
     def __init__(self, config: Config, listener: socket.socket, notify_fd: int | None = None,
-                 detached: bool = False) -> None:
-        self.config = config
+                 detached: bool = False, log_path: str | None = None) -> None:
+        self.config = config  # the current generation's; top-level settings come from it
+        self.generations: dict[int, Config] = {1: config}
+        self.generation = 1
         self.listener = listener
         self.notify_fd = notify_fd
         self.detached = detached
+        self.log_path = os.path.abspath(log_path) if log_path else None
         self.pid = os.getpid()
         self.started_at = time.monotonic()
-        self.workers: list[Worker] = []
-        self.by_pid: dict[int, Worker] = {}
         self.slots = SlotTable(config.name, config.total_workers())
+        self.pool = Pool(self.slots)
         self.selector = selectors.DefaultSelector()
         self.pending_signals: list[int] = []
         self.stopping = False
-        self.respawns: dict[int, float] = {}  # slot -> when to restart it (backoff)
-        self.kill_at: dict[str, float] = {}  # group -> when stopping workers get SIGKILL
         self.starting = True
         self.start_error: str | None = None
         self.setup_errors: dict[str, str] = {}
-        self.stop_waiters: list[socket.socket] = []
         self.report = StopReport()
-        self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
-        self.sweep_at: float | None = None  # when to look for what exited workers left
+        self.adopted: dict[int, bool] = {}  # pid -> SIGKILL already sent
+        self.sweep_timer: Timer | None = None
+        self.died_in_setup: set[Worker] = set()  # during start-up: who never got through setup
         self.exit_code = 0
+        self.timers = Timers()
+        self.guards = Guards(self)
+        self.roller = Roller(self)
+        self.commands = Commands(self)
         self._build_table()
-        self.awaiting = {w.slot for w in self.workers}  # start-up ends when none is left
+        self.awaiting = set(self.pool.all_workers())  # start-up ends when none is left
 
     # --- set-up -----------------------------------------------------------------
 
     def _build_table(self) -> None:
         for group in self.config.groups:
+            g = self.pool.add_group(group, self.generation)
             for index in range(group.workers):
-                title = group.title(self.config.name, index)
-                self.workers.append(Worker(group, index, len(self.workers), title))
+                g.members[index] = self.pool.new_worker(g, index, self.title(g.name, index))
+
+    def title(self, group: str, index: int) -> str:
+        return f"{self.config.name}-{group}-{index}" if group else f"{self.config.name}-{index}"
+
+    def group_config(self, w: Worker | Group) -> GroupConfig:
+        config = self.generations[w.generation].group(w.name if isinstance(w, Group) else w.group)
+        assert config is not None
+        return config
 
     def _open_channels(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -101,9 +98,7 @@ class Master:
         self.report_r.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
         self.selector.register(self.report_r, selectors.EVENT_READ, self._on_report)
-        self.control = control.Server(self.listener, self.selector, {
-            "status": self.serve_status, "stop": self.serve_stop,
-        })
+        self.control = control.Server(self.listener, self.selector, self.commands.handlers())
 
     def _install_signals(self) -> None:
         for sig in HANDLED_SIGNALS:
@@ -117,7 +112,7 @@ class Master:
         """Descriptors a worker must not keep (the listener would hold the lock)."""
         fds = [self.wake_w, self.selector.fileno()]  # type: ignore[attr-defined]
         fds.extend(key.fd for key in self.selector.get_map().values())
-        fds.extend(conn.fileno() for conn in self.stop_waiters)
+        fds.extend(self.commands.waiting_fds())
         if self.notify_fd is not None:
             fds.append(self.notify_fd)
         return [fd for fd in fds if fd >= 0]
@@ -133,29 +128,20 @@ class Master:
         self._open_channels()
         self._install_signals()
         gc.freeze()  # keep the master's objects out of the workers' copied pages
-        log.info("starting %d workers", len(self.workers))
-        for w in self.workers:
+        log.info("starting %d workers", len(self.awaiting))
+        for w in list(self.pool.all_workers()):
             self.spawn(w)
         while not self._finished():
             self._wait_for_events()
             self._dispatch_signals()
-            self._run_due_timers()
+            self.timers.run_due()
         self._finish()
         return self.exit_code
 
     def _wait_for_events(self) -> None:
-        for key, _ in self.selector.select(self._next_timeout()):
+        timeout = 0 if self.pending_signals else self.timers.timeout()
+        for key, _ in self.selector.select(timeout):
             key.data(key.fileobj)
-
-    def _next_timeout(self) -> float | None:
-        due = [] if self.stopping else list(self.respawns.values())
-        due += self.kill_at.values()
-        due += [t for t in self.adopted.values() if t is not None]
-        if self.sweep_at is not None:
-            due.append(self.sweep_at)
-        if self.pending_signals:
-            return 0
-        return max(0.0, min(due) - time.monotonic()) if due else None
 
     def _on_wake(self, fd: int) -> None:
         try:
@@ -197,7 +183,13 @@ class Master:
         self.force_stop()
 
     def handle_sighup(self) -> None:
-        log.info("SIGHUP ignored (use SIGTERM, SIGINT or SIGUSR2 to stop)")
+        self.commands.reload(None, "SIGHUP")
+
+    def handle_sigttin(self) -> None:
+        self.commands.scale_by_signal(+1)
+
+    def handle_sigttou(self) -> None:
+        self.commands.scale_by_signal(-1)
 
     def _stop_or_force(self, why: str) -> None:
         if self.stopping:
@@ -209,28 +201,42 @@ class Master:
     # --- workers ------------------------------------------------------------------------
 
     def spawn(self, w: Worker) -> None:
-        self.respawns.pop(w.slot, None)
+        """Fork a process for position w (from NEW, BACKOFF or FAILED)."""
+        w.cancel_timer()
+        group = self.group_config(w)
+        slot = self.slots[w.slot]
         spec = worker.WorkerSpec(
-            title=w.title, group=w.group.name, index=w.index,
-            task=w.group.task, setup=w.group.setup, teardown=w.group.teardown,  # type: ignore[arg-type]
-            slot=self.slots[w.slot], slot_number=w.slot, report=self.report_w,
-            master_pid=self.pid, title_output=self.detached, report_ready=self.starting,
+            title=w.title, group=w.group, index=w.index,
+            task=group.task, setup=group.setup, teardown=group.teardown,  # type: ignore[arg-type]
+            slot=slot, report=self.report_w, master_pid=self.pid, title_output=self.detached,
+            max_tasks=group.max_tasks or 0, max_memory=int(group.max_memory or 0),
+            histogram=bool(getattr(self.config, "metrics", None)),
         )
-        self.slots[w.slot].state = STARTING  # not the state its predecessor died in
+        slot.prepare_spawn()  # not the state its predecessor died in
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
         try:
             pid = os.fork()
         except OSError as exc:
             _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
             log.error("cannot fork %s: %s; retrying in 1s", w.title, exc.strerror)
-            self.respawns[w.slot] = time.monotonic() + 1.0
+            w.move(Phase.BACKOFF)
+            w.timer = self.timers.call_later(1.0, self._restart, w)
             return
         if pid == 0:
             worker.run(spec, self._master_only_fds())
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+        w.move(Phase.STARTING)
         w.pid = pid
         w.started_at = time.monotonic()
-        self.by_pid[pid] = w
+        w.ready = False
+        w.ending = None
+        self.pool.by_pid[pid] = w
+        self.guards.on_spawn(w, group)
+
+    def _restart(self, w: Worker) -> None:
+        w.timer = None
+        if not self.stopping and w.phase in (Phase.BACKOFF, Phase.FAILED):
+            self.spawn(w)
 
     def reap_children(self) -> None:
         """The one place that reaps: every exited child, since signals coalesce.
@@ -248,74 +254,122 @@ class Master:
                 break
             exited.append((pid, status))
         for pid, status in exited:
-            w = self.by_pid.pop(pid, None)
+            w = self.pool.by_pid.pop(pid, None)
             if w is None:
                 self.adopted.pop(pid, None)
                 log.info("reaped pid %d, left behind by a task: it %s", pid, describe_status(status))
             else:
                 self.on_worker_exit(w, status)
-        if exited and self.sweep_at is None:
+        if exited:
             # a worker's exit may leave its own children to us: look a little later,
             # off the respawn path (reading /proc competes with the new worker)
-            self.sweep_at = time.monotonic() + SWEEP_DELAY
+            self._schedule_sweep()
 
     def on_worker_exit(self, w: Worker, status: int) -> None:
         uptime = time.monotonic() - w.started_at
-        entry = {"name": w.title, "pid": w.pid, "exit": os.waitstatus_to_exitcode(status)}
+        code = os.waitstatus_to_exitcode(status)
+        reason = self._exit_reason(w, status)
+        entry = {"name": w.title, "pid": w.pid, "exit": code, "group": w.group, "index": w.index}
         w.pid = 0
-        log.info("worker %s (pid %d) %s after %.2fs", w.title, entry["pid"], describe_status(status), uptime)
+        w.cancel_timer()
+        log.info("worker %s (pid %d) %s after %.2fs (%s)", w.title, entry["pid"],
+                 describe_status(status), uptime, reason)
         if self.stopping:
             if not any(k["pid"] == entry["pid"] for k in self.report.killed):
                 self.report.stopped.append(entry)
+            self._end_position(w)
             return
-        w.died_before_ready = not w.ready
-        if not self._start_failed(w):
-            self._schedule_respawn(w, entry["exit"], uptime)
+        if w.phase is Phase.RETIRING:
+            self.roller.on_retired(w, entry)
+            return
+        died_in_setup = not w.ready
+        w.last_reason = reason
+        if self.roller.on_worker_died(w, died_in_setup, self.setup_errors.get(w.group)):
+            return
+        self.pool.group_of(w).restarts[reason] += 1
+        if self.starting and died_in_setup:
+            self.died_in_setup.add(w)
+            if self._start_failed(w):
+                return
+        self._schedule_respawn(w, reason, uptime)
 
-    def _schedule_respawn(self, w: Worker, code: int, uptime: float) -> None:
+    def _exit_reason(self, w: Worker, status: int) -> str:
+        if w.ending:
+            return w.ending
+        code = os.waitstatus_to_exitcode(status)
         if code == worker.EXIT_OK:
+            return RECYCLE_REASONS.get(self.slots[w.slot].word(EXIT_REASON), "exit")
+        return "crash"
+
+    def _schedule_respawn(self, w: Worker, reason: str, uptime: float) -> None:
+        group = self.group_config(w)
+        min_uptime = self.config.group_min_uptime(group)
+        if reason in ("exit", "max_tasks", "max_memory"):
             w.failures = 0
-        elif uptime < self.config.group_min_uptime(w.group):
+        elif reason == "task_timeout":  # a hung task is not an early death unless it keeps coming early
+            w.failures = w.failures + 1 if uptime < min_uptime else 0
+        elif reason == "setup_timeout" or uptime < min_uptime:
             w.failures += 1
         else:
             w.failures = 1
         w.restarts += 1
-        limit = self.config.group_max_failures(w.group)
-        if w.failures >= limit:
-            w.failed = True
-            self.awaiting.discard(w.slot)
-            log.error(
-                "%s failed %d times in a row within %.1fs of starting; not restarting it",
-                w.title, w.failures, self.config.group_min_uptime(w.group),
-            )
+        if w.failures >= self.config.group_max_failures(group):
+            w.move(Phase.FAILED)
+            self.awaiting.discard(w)
+            log.error("%s failed %d times in a row within %.1fs of starting; not restarting it",
+                      w.title, w.failures, min_uptime)
             self._check_started()
+            self.roller.check_done()
             return
-        delay = backoff_delay(w.failures, self.config.group_backoff_max(w.group))
+        w.move(Phase.BACKOFF)
+        delay = backoff_delay(w.failures, self.config.group_backoff_max(group))
         if delay > 0:
             log.warning("restarting %s in %.1fs (failure %d in a row)", w.title, delay, w.failures)
-            self.respawns[w.slot] = time.monotonic() + delay
+            w.timer = self.timers.call_later(delay, self._restart, w)
         else:
             self.spawn(w)
 
-    def _run_due_timers(self) -> None:
-        now = time.monotonic()
-        if not self.stopping:
-            for slot, when in list(self.respawns.items()):
-                if when <= now:
-                    self.spawn(self.workers[slot])
-        for group, when in list(self.kill_at.items()):
-            if when <= now:
-                del self.kill_at[group]
-                for w in list(self.by_pid.values()):
-                    if w.group.name == group:
-                        self.kill_worker(w, "its graceful timeout passed")
-        if self.sweep_at is not None and self.sweep_at <= now:
-            self.sweep_at = None
-            self.sweep_adopted()
-        for pid, kill_at in self.adopted.items():
-            if kill_at is not None and kill_at <= now:
-                self.adopted[pid] = None
-                _signal_child(pid, signal.SIGKILL)
+    def _end_position(self, w: Worker) -> None:
+        if w.phase in LIVE and w.phase is not Phase.RETIRING:
+            w.move(Phase.RETIRING)
+        g = self.pool.group_of(w)
+        for table in (g.members, g.candidates):
+            if table.get(w.index) is w:
+                del table[w.index]
+        if w in g.retiring:
+            g.retiring.remove(w)
+        self.pool.forget(w)
+
+    def retire(self, w: Worker, reason: str, timeout: float | None = None) -> None:
+        """Ask a worker to finish its task and exit for good; kill it past its graceful timeout."""
+        w.cancel_timer()
+        if not w.alive:
+            self._end_position(w)
+            return
+        w.move(Phase.RETIRING)
+        w.ending = reason
+        grace = self.config.group_timeout(self.group_config(w)) if timeout is None else timeout
+        w.timer = self.timers.call_later(grace, self._kill_retiring, w, w.pid)
+        _signal_child(w.pid, signal.SIGTERM)
+
+    def _kill_retiring(self, w: Worker, pid: int) -> None:
+        w.timer = None
+        if w.pid == pid:
+            self.kill_worker(w, "its graceful timeout passed")
+
+    def kill_worker(self, w: Worker, why: str, reason: str | None = None) -> None:
+        state = self.slots[w.slot].state
+        if state == BUSY:
+            log.error("killing %s (pid %d) in the middle of a task: %s", w.title, w.pid, why)
+        else:
+            log.warning("killing %s (pid %d, %s): %s", w.title, w.pid, STATE_NAMES[state], why)
+        if reason:
+            w.ending = reason
+        if w.phase is Phase.RETIRING:
+            self.roller.on_killed(w, STATE_NAMES[state])
+        if self.stopping:
+            self.report.killed.append({"name": w.title, "pid": w.pid, "state": STATE_NAMES[state]})
+        _signal_child(w.pid, signal.SIGKILL)
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -325,32 +379,41 @@ class Master:
                 message = sock.recv(65536)
             except BlockingIOError:
                 break
-            kind, number = message[:1], message[1:].split(b"\n", 1)[0]
-            w = self.workers[int(number)]
+            kind, _, rest = message.partition(b" ")
+            head, _, detail = rest.partition(b"\n")
+            w = self.pool.by_pid.get(int(head))
+            if w is None:
+                continue
             if kind == b"R":
-                w.ready = True
-                self.awaiting.discard(w.slot)
+                self._on_ready(w)
             elif kind == b"E":
-                self.setup_errors[w.group.name] = message.split(b"\n", 1)[1].decode(errors="replace")
+                self.setup_errors[w.group] = detail.decode(errors="replace")
         self._check_started()
+
+    def _on_ready(self, w: Worker) -> None:
+        w.ready = True
+        w.ever_ready = True
+        if w.phase is Phase.STARTING:
+            w.move(Phase.RUNNING)
+        self.awaiting.discard(w)
+        self.roller.on_ready(w)
 
     def _check_started(self) -> None:
         if self.starting and not self.awaiting:
             self.starting = False
-            running = sum(1 for w in self.workers if not w.failed)
-            log.info("%d of %d workers are running", running, len(self.workers))
+            running = sum(1 for w in self.pool.all_workers() if w.phase is not Phase.FAILED)
+            log.info("%d of %d workers are running", running, running + sum(
+                1 for w in self.pool.all_workers() if w.phase is Phase.FAILED))
             self._notify(f"ok {self.pid}")
 
     def _start_failed(self, w: Worker) -> bool:
         """During start-up, a group none of whose workers got through setup aborts the start."""
-        if not self.starting:
+        g = self.pool.group_of(w)
+        if not all(x in self.died_in_setup for x in g.members.values()):
             return False
-        group = [x for x in self.workers if x.group is w.group]
-        if not all(x.died_before_ready for x in group):
-            return False
-        what = f"group {w.group.name!r}" if w.group.name else "the workers"
+        what = f"group {w.group!r}" if w.group else "the workers"
         detail = f"every worker of {what} failed during start-up"
-        error = self.setup_errors.get(w.group.name)
+        error = self.setup_errors.get(w.group)
         self.start_error = f"{detail}:\n{error}" if error else f"{detail} (see the log)"
         log.error("%s; stopping", detail)
         self.begin_stop("start-up failed")
@@ -373,45 +436,53 @@ class Master:
         if self.stopping:
             return
         self.stopping = True
-        now = time.monotonic()
-        live = [w for w in self.workers if w.pid]
+        live = self.pool.live()
         log.info("stopping (%s): asking %d workers to finish their tasks", why, len(live))
-        self.respawns.clear()
-        for group in self.config.groups:
-            grace = self.config.group_timeout(group) if timeout is None else timeout
-            self.kill_at[group.name] = now + grace
-        for w in live:
-            _signal_child(w.pid, signal.SIGTERM)
+        self.roller.abort_for_stop()
+        for w in list(self.pool.all_workers()):
+            if w.alive:
+                if w.phase is not Phase.RETIRING:
+                    self.retire(w, "stop", timeout)
+                elif timeout is not None:  # a stop's own deadline also applies to those already retiring
+                    w.cancel_timer()
+                    w.timer = self.timers.call_later(timeout, self._kill_retiring, w, w.pid)
+            else:
+                self._end_position(w)
         self.sweep_adopted()
 
     def force_stop(self) -> None:
-        self.kill_at.clear()
-        for w in list(self.by_pid.values()):
+        for w in self.pool.live():
+            w.cancel_timer()
             self.kill_worker(w, "a stop-now was asked")
 
-    def kill_worker(self, w: Worker, why: str) -> None:
-        state = self.slots[w.slot].state
-        if state == BUSY:
-            log.error("killing %s (pid %d) in the middle of a task: %s", w.title, w.pid, why)
-        else:
-            log.warning("killing %s (pid %d, %s): %s", w.title, w.pid, STATE_NAMES[state], why)
-        self.report.killed.append({"name": w.title, "pid": w.pid, "state": STATE_NAMES[state]})
-        _signal_child(w.pid, signal.SIGKILL)
+    def _schedule_sweep(self) -> None:
+        if self.sweep_timer is None:
+            self.sweep_timer = self.timers.call_later(SWEEP_DELAY, self._sweep_now)
+
+    def _sweep_now(self) -> None:
+        self.sweep_timer = None
+        self.sweep_adopted()
 
     def sweep_adopted(self) -> None:
         """Ask what tasks left behind (adopted: we are a subreaper) to stop; kill it later."""
-        adopted = [pid for pid in list_children(self.pid) if pid not in self.by_pid]
-        fresh = [pid for pid in adopted if pid not in self.adopted]
+        fresh = [pid for pid in list_children(self.pid)
+                 if pid not in self.pool.by_pid and pid not in self.adopted]
         if not fresh:
             return
         log.info("stopping %d processes left behind by tasks: %s", len(fresh), fresh)
-        kill_at = time.monotonic() + ADOPTED_GRACE
         for pid in fresh:
-            self.adopted[pid] = kill_at
+            self.adopted[pid] = False
             _signal_child(pid, signal.SIGTERM)
+        self.timers.call_later(ADOPTED_GRACE, self._kill_adopted, fresh)
+
+    def _kill_adopted(self, pids: list[int]) -> None:
+        for pid in pids:
+            if pid in self.adopted and not self.adopted[pid]:
+                self.adopted[pid] = True
+                _signal_child(pid, signal.SIGKILL)
 
     def _finished(self) -> bool:
-        if not self.stopping or self.by_pid:
+        if not self.stopping or self.pool.by_pid:
             return False
         self.sweep_adopted()
         return not self.adopted
@@ -424,62 +495,13 @@ class Master:
             self._notify(f"error {self.start_error}")
         else:
             self._notify("error the instance was stopped during start-up")
-        order = {w.title: w.slot for w in self.workers}
-        self.report.stopped.sort(key=lambda e: order[e["name"]])
-        reply = {"master": self.pid, "stopped": self.report.stopped, "killed": self.report.killed}
-        for conn in self.stop_waiters:
-            control.reply(conn, reply)
+        self.commands.answer_stop_waiters()
         log.info(
             "stopped: %d workers exited, %d killed", len(self.report.stopped), len(self.report.killed)
         )
 
-    # --- control requests ----------------------------------------------------------------------
-
-    def serve_status(self, conn: socket.socket, request: dict[str, Any]) -> None:
-        control.reply(conn, self.status())
-
-    def serve_stop(self, conn: socket.socket, request: dict[str, Any]) -> None:
-        """Answered in _finish, once every worker is gone."""
-        self.stop_waiters.append(conn)
-        self.begin_stop("stop command", _timeout_of(request))
-
-    def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-        state = "stopping" if self.stopping else "starting" if self.starting else "running"
-        return {
-            "name": self.config.name,
-            "master": {"pid": self.pid, "state": state, "uptime": now - self.started_at},
-            "workers": [self._worker_status(w, now) for w in self.workers],
-        }
-
-    def _worker_status(self, w: Worker, now: float) -> dict[str, Any]:
-        slot = self.slots[w.slot]
-        if w.pid:
-            state = STATE_NAMES[slot.state]
-        elif w.failed:
-            state = "failed"
-        elif w.slot in self.respawns:
-            state = "backoff"
-        else:
-            state = "stopped"
-        return {
-            "name": w.title, "group": w.group.name, "index": w.index,
-            "pid": w.pid or None, "state": state,
-            "uptime": now - w.started_at if w.pid else 0.0,
-            "tasks": slot.tasks, "errors": slot.errors,
-            "restarts": w.restarts, "failures": w.failures,
-        }
-
 
 # --- small helpers ---------------------------------------------------------------------------
-
-
-def _timeout_of(request: dict[str, Any]) -> float | None:
-    timeout = request.get("timeout")
-    try:
-        return None if timeout is None else check_seconds(timeout, "timeout")
-    except ConfigError:
-        return None
 
 
 def backoff_delay(failures: int, cap: float) -> float:

@@ -63,7 +63,7 @@ class Supervisor:
         self._clean_leftovers()
         from .master import Master
 
-        return Master(self.config, listener).run()
+        return Master(self.config, listener, log_path=self.config.log_file).run()
 
     def start_detached(self, log_level: str = "INFO") -> StartResult:
         """Start as a daemon; return once every worker is up, or raise StartError."""
@@ -84,7 +84,7 @@ class Supervisor:
             from .master import Master
 
             logs.configure(log_level)
-            return Master(self.config, listener, notify_fd, detached=True).run()
+            return Master(self.config, listener, notify_fd, detached=True, log_path=log_path).run()
 
         message = daemon.detach(run_master, log_fd, inherited)
         listener.close()

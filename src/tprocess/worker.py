@@ -25,7 +25,23 @@ from typing import Any, NoReturn
 import setproctitle
 
 from . import logs
-from .slots import BUSY, ERRORS, IDLE, STARTING, STOPPING, TASKS, Slot
+from .slots import (
+    BUCKETS,
+    BUSY,
+    DURATION_BOUNDS,
+    DURATION_SUM,
+    ERRORS,
+    EXIT_REASON,
+    IDLE,
+    RECYCLE_MAX_MEMORY,
+    RECYCLE_MAX_TASKS,
+    STARTING,
+    STOPPING,
+    TASK_START,
+    TASKS,
+    WOKE_AT,
+    Slot,
+)
 
 # Exit codes of a worker; the master counts only failures towards backoff.
 EXIT_OK = 0  # planned exit: a stop was asked, or the task raised SystemExit(0)
@@ -34,8 +50,11 @@ EXIT_SETUP_FAILED = 3  # setup(ctx) raised
 EXIT_TEARDOWN_FAILED = 4  # teardown(ctx) raised
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)  # meant for the master
 PR_SET_PDEATHSIG = 1
 MAX_ERROR_DELAY = 5.0
+MEMORY_CHECK_NS = 1_000_000_000  # how often (at most) a worker with max_memory reads its RSS
+BOUNDS_NS = tuple(int(b * 1e9) for b in DURATION_BOUNDS)
 
 
 class Context:
@@ -72,6 +91,7 @@ class Context:
                     if self.stopping:
                         return False
         finally:
+            slot.words[slot.base + WOKE_AT] = time.monotonic_ns()  # busy again: task_timeout counts from here
             slot.state = previous
 
     def _request_stop(self, signum: int = 0, frame: Any = None) -> None:
@@ -89,11 +109,12 @@ class WorkerSpec:
     setup: Callable[[Context], Any] | None
     teardown: Callable[[Context], Any] | None
     slot: Slot
-    slot_number: int
     report: socket.socket
     master_pid: int
     title_output: bool = False  # a daemon: stdout and stderr are the log file
-    report_ready: bool = True  # only start-up waits for it: a respawn saves the wake-up
+    max_tasks: int = 0  # recycle after this many tasks (0: never)
+    max_memory: int = 0  # recycle once the RSS is past this many bytes (0: never)
+    histogram: bool = False  # count task durations (metrics are on)
 
 
 def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
@@ -121,7 +142,8 @@ def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
     # enough of the master's memory to add ~0.3 ms of copy-on-write faults per respawn
     for sig in STOP_SIGNALS:
         _signal.signal(sig, ctx._request_stop)
-    _signal.signal(signal.SIGHUP, _signal.SIG_IGN)
+    for sig in IGNORED_SIGNALS:
+        _signal.signal(sig, _signal.SIG_IGN)
     _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)
     _signal.signal(signal.SIGQUIT, _signal.SIG_DFL)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
@@ -142,11 +164,13 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
                 return EXIT_OK
             text = traceback.format_exc()
             logs.log.error("setup of %s failed:\n%s", spec.title, text.rstrip())
-            _report(spec, b"E%d\n" % spec.slot_number + text.encode(errors="replace")[-60000:])
+            _report(spec, b"E %d\n" % ctx.pid + text.encode(errors="replace")[-60000:])
             return EXIT_SETUP_FAILED
-    if spec.report_ready:
-        _report(spec, b"R%d" % spec.slot_number)
-    code = _loop(spec.task, ctx, spec.slot)
+    _report(spec, b"R %d" % ctx.pid)
+    if spec.max_tasks or spec.max_memory or spec.histogram:
+        code = _guarded_loop(spec, ctx)
+    else:
+        code = _loop(spec.task, ctx, spec.slot)
     spec.slot.state = STOPPING
     if spec.teardown is not None:
         try:
@@ -165,8 +189,12 @@ def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
     """
     errors_in_row = 0
     words, tasks_word, errors_word = slot.words, slot.base + TASKS, slot.base + ERRORS
+    start_word = slot.base + TASK_START
+    clock = time.monotonic_ns
+    words[start_word] = clock()  # before "busy": the master must never see busy with a stale stamp
     slot.state = BUSY
     while not ctx.stopping:
+        words[start_word] = clock()
         try:
             task(ctx)
         except SystemExit as exc:
@@ -180,6 +208,75 @@ def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
         words[tasks_word] += 1
         errors_in_row = 0
     return EXIT_OK
+
+
+def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
+    """The task loop with recycling (max_tasks, max_memory) and duration counts: the
+    same as _loop plus a few comparisons per task."""
+    task, slot = spec.task, spec.slot
+    words, base = slot.words, slot.base
+    tasks_word, errors_word, start_word = base + TASKS, base + ERRORS, base + TASK_START
+    clock = time.monotonic_ns
+    max_tasks, max_memory, histogram = spec.max_tasks, spec.max_memory, spec.histogram
+    done = errors_in_row = 0
+    next_memory_check = 0
+    words[start_word] = clock()
+    slot.state = BUSY
+    while not ctx.stopping:
+        began = words[start_word] = clock()
+        try:
+            task(ctx)
+            words[tasks_word] += 1
+            errors_in_row = 0
+        except SystemExit as exc:
+            return _exit_code(exc)
+        except BaseException:  # noqa: BLE001 - a failing task must not end the worker
+            words[errors_word] += 1
+            errors_in_row += 1
+            logs.log.exception("task of %s raised", ctx.name)
+            ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
+        ended = clock()
+        if histogram:
+            _count_duration(words, base, ended - began)
+        done += 1
+        if max_tasks and done >= max_tasks:
+            return _recycle(spec, RECYCLE_MAX_TASKS, f"after {done} tasks (max_tasks)")
+        if max_memory and ended >= next_memory_check:
+            next_memory_check = ended + MEMORY_CHECK_NS
+            rss = _resident_bytes()
+            if rss > max_memory:
+                return _recycle(spec, RECYCLE_MAX_MEMORY, f"with {rss / 2**20:.1f} MiB resident, "
+                                f"past max_memory {max_memory / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
+def _count_duration(words: memoryview, base: int, took: int) -> None:
+    words[base + DURATION_SUM] += took
+    bucket = base + BUCKETS
+    for bound in BOUNDS_NS:
+        if took <= bound:
+            break
+        bucket += 1
+    words[bucket] += 1
+
+
+def _recycle(spec: WorkerSpec, reason: int, why: str) -> int:
+    logs.log.info("%s recycles itself %s", spec.title, why)
+    spec.slot.words[spec.slot.base + EXIT_REASON] = reason
+    return EXIT_OK
+
+
+_statm_fd = -1
+
+
+def _resident_bytes() -> int:
+    global _statm_fd
+    if _statm_fd < 0:
+        _statm_fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+    return int(os.pread(_statm_fd, 128, 0).split()[1]) * _PAGE_SIZE
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _exit_code(exc: SystemExit) -> int:
