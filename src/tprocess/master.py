@@ -22,7 +22,7 @@ from typing import Any
 
 import setproctitle
 
-from . import control, logs, worker
+from . import control, logs, notify, worker
 from .config import Config, ConfigError, GroupConfig, check_seconds
 from .logs import log
 from .slots import BUSY, STARTING, STATE_NAMES, SlotTable
@@ -84,6 +84,8 @@ class Master:
         self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
         self.sweep_at: float | None = None  # when to look for what exited workers left
         self.exit_code = 0
+        # systemd's sd_notify, in the foreground only: a daemon's main pid would be the command
+        self.notifier = notify.Notifier.from_environment(enabled=not detached)
         self._build_table()
         self.awaiting = {w.slot for w in self.workers}  # start-up ends when none is left
 
@@ -120,6 +122,8 @@ class Master:
         fds.extend(conn.fileno() for conn in self.stop_waiters)
         if self.notify_fd is not None:
             fds.append(self.notify_fd)
+        if self.notifier is not None:
+            fds.append(self.notifier.fileno())
         return [fd for fd in fds if fd >= 0]
 
     # --- the loop -------------------------------------------------------------------
@@ -153,6 +157,9 @@ class Master:
         due += [t for t in self.adopted.values() if t is not None]
         if self.sweep_at is not None:
             due.append(self.sweep_at)
+        systemd_due = self.notifier.next_due() if self.notifier is not None else None
+        if systemd_due is not None:  # only when systemd asked for a watchdog or a stop is long
+            due.append(systemd_due)
         if self.pending_signals:
             return 0
         return max(0.0, min(due) - time.monotonic()) if due else None
@@ -197,6 +204,10 @@ class Master:
         self.force_stop()
 
     def handle_sighup(self) -> None:
+        self.reload_requested()
+
+    def reload_requested(self) -> None:
+        """SIGHUP: the hook for a reload (to come); ignored for now."""
         log.info("SIGHUP ignored (use SIGTERM, SIGINT or SIGUSR2 to stop)")
 
     def _stop_or_force(self, why: str) -> None:
@@ -288,6 +299,7 @@ class Master:
                 "%s failed %d times in a row within %.1fs of starting; not restarting it",
                 w.title, w.failures, self.config.group_min_uptime(w.group),
             )
+            self.notify_status(self.pool_summary())
             self._check_started()
             return
         delay = backoff_delay(w.failures, self.config.group_backoff_max(w.group))
@@ -316,6 +328,8 @@ class Master:
             if kill_at is not None and kill_at <= now:
                 self.adopted[pid] = None
                 _signal_child(pid, signal.SIGKILL)
+        if self.notifier is not None:
+            self.notifier.run_due(now)
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -340,6 +354,8 @@ class Master:
             running = sum(1 for w in self.workers if not w.failed)
             log.info("%d of %d workers are running", running, len(self.workers))
             self._notify(f"ok {self.pid}")
+            if not self.stopping:
+                self.notify_ready(self.pool_summary())
 
     def _start_failed(self, w: Worker) -> bool:
         """During start-up, a group none of whose workers got through setup aborts the start."""
@@ -366,6 +382,30 @@ class Master:
         os.close(self.notify_fd)
         self.notify_fd = None
 
+    # --- systemd (sd_notify) --------------------------------------------------------------------
+
+    def notify_ready(self, status: str) -> None:
+        """READY=1: start-up, or a reload, is complete."""
+        if self.notifier is not None:
+            self.notifier.ready(status)
+
+    def notify_reloading(self, status: str = "reloading") -> None:
+        """RELOADING=1: a reload begins; notify_ready() must follow when it is complete."""
+        if self.notifier is not None:
+            self.notifier.reloading(status)
+
+    def notify_status(self, status: str) -> None:
+        if self.notifier is not None:
+            self.notifier.status(status)
+
+    def pool_summary(self) -> str:
+        """One line for `systemctl status`: how many workers run, how many failed."""
+        running = sum(1 for w in self.workers if w.pid)
+        failed = sum(1 for w in self.workers if w.failed)
+        total = len(self.workers)
+        text = f"{running} workers running" if running == total else f"{running} of {total} workers running"
+        return f"{text}, {failed} failed" if failed else text
+
     # --- stopping ------------------------------------------------------------------------------
 
     def begin_stop(self, why: str, timeout: float | None = None) -> None:
@@ -382,6 +422,9 @@ class Master:
             self.kill_at[group.name] = now + grace
         for w in live:
             _signal_child(w.pid, signal.SIGTERM)
+        if self.notifier is not None:
+            status = f"stopping ({why}): waiting for {len(live)} workers to finish their tasks"
+            self.notifier.begin_stop(max(self.kill_at.values(), default=now), status)
         self.sweep_adopted()
 
     def force_stop(self) -> None:
