@@ -7,9 +7,11 @@ does for NotifyAccess=main: every message must come from the master itself.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from e2e_support import open_tasks, record_task, records_of, wait_started
-from helpers import Instance, gone, instance_procs, wait_for
+from helpers import TPROCESS, Instance, gone, instance_procs, wait_for, zombie_children
 
 from tprocess import notify
 
@@ -42,6 +44,19 @@ def env_report(ctx):
 
 def idle(ctx):
     ctx.sleep(3600)
+
+
+def orphaning(ctx):
+    """Leave an orphan behind (double fork), as a careless task does: PID 1 must reap it."""
+    child = os.fork()
+    if child == 0:
+        if os.fork() == 0:
+            record("orphan")
+            time.sleep(0.05)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(child, 0)
+    ctx.sleep(0.2)
 '''
 
 CONFIG = '''
@@ -261,6 +276,41 @@ def test_an_idle_master_wakes_only_for_the_watchdog(inst, systemd, mode):
     os.kill(master, signal.SIGTERM)
     wait_for(lambda: gone(master), 20, what="the master to exit")
     wait_for(lambda: not instance_procs(inst.name), 20, what="the workers to exit")
+
+
+# --- Docker: the master as PID 1 --------------------------------------------------------------
+
+
+def can_make_pid_namespace() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", "true"]
+    return subprocess.run(probe, capture_output=True).returncode == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not can_make_pid_namespace(), reason="needs unshare and a new PID namespace (root)")
+def test_master_as_pid_1_reaps_orphans_and_stops_gracefully(inst):
+    """What `docker run` does without --init: the master is PID 1 of its own PID namespace."""
+    records = record_task(inst, 1.0, extra=JOBS_EXTRA)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+         TPROCESS, "start", "jobs.py:orphaning", "-n", "2", "--name", inst.name],
+        cwd=inst.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    inst.foreground.append(proc)
+    inst.wait_workers(2)
+    master = inst.master()
+    assert master.ppid == proc.pid  # unshare's child: PID 1 inside
+    wait_for(lambda: len(records_of(records, "orphan")) >= 6, 20, what="orphans to come and go")
+    wait_for(lambda: not zombie_children(master.pid), 10, what="the orphans to be reaped")
+    os.kill(master.pid, signal.SIGTERM)  # docker stop, from outside the namespace
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"{inst.name}-master[1] INFO stopping (SIGTERM)" in err
+    assert "left behind by a task" in err and "0 killed" in err, err
+    assert not instance_procs(inst.name)
 
 
 # --- the notifier on its own -------------------------------------------------------------------
