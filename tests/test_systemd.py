@@ -180,8 +180,8 @@ def test_abstract_address_and_no_notify_variables_in_workers(inst, abstract_syst
     proc, records = start_notified(inst, abstract_systemd, task="env_report",
                                    WATCHDOG_USEC="60000000")
     abstract_systemd.wait_for("READY", "1")
-    reports = wait_for(lambda: [r for r in read_env_records(records)] if
-                       len(read_env_records(records)) == 3 else None, 20, what="3 env reports")
+    reports = wait_for(lambda: read_env_records(records) if len(read_env_records(records)) == 3
+                       else None, 20, what="3 env reports")
     # no NOTIFY_SOCKET / WATCHDOG_* in a worker's os.environ, nor in what it execs (its
     # /proc/PID/environ); the rest of the environment (PATH) is passed on
     assert reports == [["-", "-", "True"]] * 3, reports
