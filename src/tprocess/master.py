@@ -24,7 +24,7 @@ from typing import Any
 
 import setproctitle
 
-from . import control, logs, worker
+from . import control, logs, notify, worker
 from .commands import Commands, StopReport
 from .config import Config, GroupConfig
 from .guards import Guards
@@ -69,6 +69,8 @@ class Master:
         self.sweep_timer: Timer | None = None
         self.died_in_setup: set[Worker] = set()  # during start-up: who never got through setup
         self.exit_code = 0
+        # systemd's sd_notify, in the foreground only: a daemon's main pid would be the command
+        self.notifier = notify.Notifier.from_environment(enabled=not detached)
         self.timers = Timers()
         self.guards = Guards(self)
         self.roller = Roller(self)
@@ -115,6 +117,8 @@ class Master:
         fds.extend(self.commands.waiting_fds())
         if self.notify_fd is not None:
             fds.append(self.notify_fd)
+        if self.notifier is not None:
+            fds.append(self.notifier.fileno())
         return [fd for fd in fds if fd >= 0]
 
     # --- the loop -------------------------------------------------------------------
@@ -135,11 +139,17 @@ class Master:
             self._wait_for_events()
             self._dispatch_signals()
             self.timers.run_due()
+            if self.notifier is not None:
+                self.notifier.run_due(time.monotonic())
         self._finish()
         return self.exit_code
 
     def _wait_for_events(self) -> None:
         timeout = 0 if self.pending_signals else self.timers.timeout()
+        systemd_due = self.notifier.next_due() if self.notifier is not None else None
+        if systemd_due is not None:  # only when systemd asked for a watchdog or a stop is long
+            until = max(0.0, systemd_due - time.monotonic())
+            timeout = until if timeout is None else min(timeout, until)
         for key, _ in self.selector.select(timeout):
             key.data(key.fileobj)
 
@@ -318,6 +328,7 @@ class Master:
             self.awaiting.discard(w)
             log.error("%s failed %d times in a row within %.1fs of starting; not restarting it",
                       w.title, w.failures, min_uptime)
+            self.notify_status(self.pool_summary())
             self._check_started()
             self.roller.check_done()
             return
@@ -405,6 +416,8 @@ class Master:
             log.info("%d of %d workers are running", running, running + sum(
                 1 for w in self.pool.all_workers() if w.phase is Phase.FAILED))
             self._notify(f"ok {self.pid}")
+            if not self.stopping:
+                self.notify_ready(self.pool_summary())
 
     def _start_failed(self, w: Worker) -> bool:
         """During start-up, a group none of whose workers got through setup aborts the start."""
@@ -429,6 +442,31 @@ class Master:
         os.close(self.notify_fd)
         self.notify_fd = None
 
+    # --- systemd (sd_notify) --------------------------------------------------------------------
+
+    def notify_ready(self, status: str) -> None:
+        """READY=1: start-up, or a reload, is complete."""
+        if self.notifier is not None:
+            self.notifier.ready(status)
+
+    def notify_reloading(self, status: str = "reloading") -> None:
+        """RELOADING=1: a reload begins; notify_ready() follows when it is complete."""
+        if self.notifier is not None:
+            self.notifier.reloading(status)
+
+    def notify_status(self, status: str) -> None:
+        if self.notifier is not None:
+            self.notifier.status(status)
+
+    def pool_summary(self) -> str:
+        """One line for `systemctl status`: how many workers run, how many failed."""
+        members = [w for g in self.pool.groups.values() for w in g.members.values()]
+        running = sum(1 for w in members if w.alive)
+        failed = sum(1 for w in members if w.phase is Phase.FAILED)
+        total = len(members)
+        text = f"{running} workers running" if running == total else f"{running} of {total} workers running"
+        return f"{text}, {failed} failed" if failed else text
+
     # --- stopping ------------------------------------------------------------------------------
 
     def begin_stop(self, why: str, timeout: float | None = None) -> None:
@@ -448,7 +486,17 @@ class Master:
                     w.timer = self.timers.call_later(timeout, self._kill_retiring, w, w.pid)
             else:
                 self._end_position(w)
+        if self.notifier is not None:
+            status = f"stopping ({why}): waiting for {len(live)} workers to finish their tasks"
+            self.notifier.begin_stop(self._last_kill_deadline(timeout), status)
         self.sweep_adopted()
+
+    def _last_kill_deadline(self, timeout: float | None) -> float:
+        now = time.monotonic()
+        if timeout is not None:
+            return now + timeout
+        return now + max((self.config.group_timeout(g) for c in self.generations.values() for g in c.groups),
+                         default=0.0)
 
     def force_stop(self) -> None:
         for w in self.pool.live():

@@ -80,6 +80,7 @@ class Roller:
         roll.groups = list(m.pool.groups)
         log.info("reload (%s): rolling %d groups to generation %d, %d at a time",
                  why, len(roll.groups), m.generation, config.reload_batch)
+        m.notify_reloading(f"reloading: rolling to generation {m.generation}")
         self._begin(roll)
 
     def begin_scale(self, g: Group, count: int, waiter: socket.socket | None, why: str) -> None:
@@ -280,6 +281,8 @@ class Roller:
         else:
             log.info("%s done in %.2fs: %d replaced, %d started, %d stopped", roll.kind, took,
                      len(roll.replaced), len(roll.started), len(roll.stopped))
+        if roll.kind == "reload":
+            self.m.notify_ready(self.m.pool_summary() + f", generation {self.m.generation}")
         self._answer(roll)
 
     def _group_done(self, name: str, roll: Roll) -> bool:
