@@ -36,7 +36,7 @@ class ProcessRef:
 
 
 def title_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(re.escape(name) + r"-(?:master|(?:[A-Za-z0-9_]+-)?\d+)")
+    return re.compile(re.escape(name) + r"-(?:master|metrics|(?:[A-Za-z0-9_]+-)?\d+)")
 
 
 def find_instance(name: str) -> list[ProcessRef]:

@@ -22,7 +22,7 @@ from typing import Any
 
 import setproctitle
 
-from . import control, logs, worker
+from . import auxiliary, control, logs, worker
 from .config import Config, ConfigError, GroupConfig, check_seconds
 from .logs import log
 from .slots import BUSY, STARTING, STATE_NAMES, SlotTable
@@ -84,6 +84,8 @@ class Master:
         self.adopted: dict[int, float | None] = {}  # pid -> when to SIGKILL (None: sent)
         self.sweep_at: float | None = None  # when to look for what exited workers left
         self.exit_code = 0
+        # the metrics process (None: off), kept apart from the worker table
+        self.aux = auxiliary.metrics_process(config, self.pid, self.slots.fd, HANDLED_SIGNALS)
         self._build_table()
         self.awaiting = {w.slot for w in self.workers}  # start-up ends when none is left
 
@@ -136,6 +138,8 @@ class Master:
         log.info("starting %d workers", len(self.workers))
         for w in self.workers:
             self.spawn(w)
+        if self.aux is not None:
+            self.aux.start()
         while not self._finished():
             self._wait_for_events()
             self._dispatch_signals()
@@ -153,6 +157,8 @@ class Master:
         due += [t for t in self.adopted.values() if t is not None]
         if self.sweep_at is not None:
             due.append(self.sweep_at)
+        if self.aux is not None and (aux_due := self.aux.next_due(self.stopping)) is not None:
+            due.append(aux_due)
         if self.pending_signals:
             return 0
         return max(0.0, min(due) - time.monotonic()) if due else None
@@ -248,6 +254,8 @@ class Master:
                 break
             exited.append((pid, status))
         for pid, status in exited:
+            if self.aux is not None and self.aux.reaped(pid, status, self.stopping):
+                continue
             w = self.by_pid.pop(pid, None)
             if w is None:
                 self.adopted.pop(pid, None)
@@ -316,6 +324,8 @@ class Master:
             if kill_at is not None and kill_at <= now:
                 self.adopted[pid] = None
                 _signal_child(pid, signal.SIGKILL)
+        if self.aux is not None:
+            self.aux.run_due(now, self.stopping)
 
     # --- start-up ----------------------------------------------------------------------------
 
@@ -400,7 +410,8 @@ class Master:
 
     def sweep_adopted(self) -> None:
         """Ask what tasks left behind (adopted: we are a subreaper) to stop; kill it later."""
-        adopted = [pid for pid in list_children(self.pid) if pid not in self.by_pid]
+        aux_pid = self.aux.pid if self.aux is not None else 0
+        adopted = [pid for pid in list_children(self.pid) if pid not in self.by_pid and pid != aux_pid]
         fresh = [pid for pid in adopted if pid not in self.adopted]
         if not fresh:
             return
@@ -414,7 +425,8 @@ class Master:
         if not self.stopping or self.by_pid:
             return False
         self.sweep_adopted()
-        return not self.adopted
+        aux_running = self.aux is not None and self.aux.stop()  # last: metrics stay up while workers stop
+        return not self.adopted and not aux_running
 
     def _finish(self) -> None:
         if self.report.killed:
