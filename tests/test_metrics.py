@@ -234,6 +234,18 @@ def test_bad_metrics_flag_and_unknown_host_are_one_line_errors(inst):
     assert not instance_procs(inst.name)
 
 
+def test_metrics_without_prometheus_client_says_what_to_install(inst):
+    inst.write("jobs.py", QUICK)
+    hidden = inst.dir / "hide"
+    hidden.mkdir()
+    # makes `import prometheus_client` fail in the command, as if it were not installed
+    (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['prometheus_client'] = None\n")
+    result = inst.run("start", "jobs.py:work", "-d", "--metrics", str(free_port()), timeout=30,
+                      env={"PYTHONPATH": str(hidden)})
+    assert_one_error_line(result, "metrics", "pip install 'tprocess[metrics]'")
+    assert not instance_procs(inst.name)
+
+
 # --- without a master ------------------------------------------------------------------------------
 
 
