@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -208,4 +207,5 @@ def main(argv: Iterable[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # flush and leave without the interpreter's shutdown: the master's stop waits for this exit
+    worker._exit(main())
