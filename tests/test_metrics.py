@@ -192,19 +192,48 @@ def test_metrics_are_off_by_default(inst):
     assert inst.stop("--timeout", "10").returncode == 0
 
 
-def test_a_port_in_use_fails_start_in_one_line_leaving_nothing(inst):
+@pytest.mark.parametrize("detach", [["-d"], []], ids=["daemon", "foreground"])
+def test_a_port_in_use_fails_start_in_one_line_leaving_nothing(inst, detach):
     inst.write("jobs.py", QUICK)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        result = inst.run("start", "jobs.py:work", "-d", "--log-file", str(inst.log),
+        result = inst.run("start", "jobs.py:work", *detach, "--log-file", str(inst.log),
                           "--metrics", f"127.0.0.1:{port}", timeout=30)
     assert_one_error_line(result, f"metrics: cannot listen on 127.0.0.1:{port}", "Address already in use")
     assert not instance_procs(inst.name)
     # the lock was let go: the same name starts at once afterwards
     master = start(inst, "jobs.py:work", "-n", "1")
     assert alive(master) and inst.stop("--timeout", "10").returncode == 0
+
+
+def _ipv6_loopback_port() -> int | None:
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+            return sock.getsockname()[1]
+    except OSError:
+        return None
+
+
+@pytest.mark.timeout(60)
+def test_ipv6_loopback_address(inst):
+    port = _ipv6_loopback_port()
+    if port is None:
+        pytest.skip("no IPv6 loopback here")
+    inst.write("jobs.py", QUICK)
+    master = start(inst, "jobs.py:work", "--metrics", f"[::1]:{port}")
+    wait_for(lambda: one_metrics_child(inst.name, master), 20, what="the metrics process")
+
+    def scraped() -> bool:
+        try:
+            with OPENER.open(f"http://[::1]:{port}/metrics", timeout=5) as response:
+                return f'tprocess_up{{instance="{inst.name}"}} 1.0' in response.read().decode()
+        except (urllib.error.URLError, ConnectionError):
+            return False
+    wait_for(scraped, 20, interval=0.05, what="metrics on [::1]")
+    assert inst.stop("--timeout", "10").returncode == 0
 
 
 @pytest.mark.parametrize("line,needles", [
