@@ -506,7 +506,9 @@ good_configs = st.fixed_dictionaries(
                                min_size=1, max_size=3)},
     optional={"name": good_names, "graceful_timeout": good_seconds, "min_uptime": good_seconds,
               "backoff_max": good_positive, "max_failures": st.integers(1, 10**6),
-              "log_file": st.text(st.characters(exclude_characters="\0"), max_size=30)},
+              "log_file": st.text(st.characters(exclude_characters="\0"), max_size=30),
+              "metrics": st.one_of(st.integers(1, 65535), st.integers(1, 65535).map(str),
+                                   st.integers(1, 65535).map(lambda p: f"localhost:{p}"))},
 )
 
 

@@ -66,11 +66,13 @@ def cli() -> None:
 @click.option("-d", "--daemon", is_flag=True, help="Detach; return once every worker is up.")
 @click.option("--log-file", help="Log file (default for -d: ~/.local/state/tprocess/NAME.log).")
 @click.option("--graceful-timeout", type=float, help="Seconds a stopping worker may take.")
+@click.option("--metrics", metavar="HOST:PORT",
+              help="Serve Prometheus metrics on HOST:PORT (or PORT: host 127.0.0.1). Default: off.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def start(task: str | None, workers: int | None, config_file: str | None, name: str | None,
           daemon: bool, log_file: str | None, graceful_timeout: float | None,
-          log_level: str) -> int:
+          metrics: str | None, log_level: str) -> int:
     """Start an instance running TASK (FILE.py:function or module:function)."""
     from .supervisor import StartError, Supervisor
 
@@ -81,6 +83,8 @@ def start(task: str | None, workers: int | None, config_file: str | None, name: 
         config.log_file = log_file
     if graceful_timeout is not None:
         config.graceful_timeout = graceful_timeout
+    if metrics is not None:
+        config.metrics = metrics
     sup = Supervisor(config=config)
     try:
         if not daemon:

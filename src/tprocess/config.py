@@ -81,6 +81,7 @@ class Config:
     log_file: str | None = None
     max_workers: int = DEFAULT_MAX_WORKERS
     reload_batch: int = DEFAULT_RELOAD_BATCH
+    metrics: str | int | None = None  # "HOST:PORT" the metrics process serves; None: off
     base_dir: str = field(default_factory=os.getcwd)  # task paths are relative to it
     source: str = "command line"
     path: str | None = None  # the config file's absolute path: what a reload reads again
@@ -120,7 +121,7 @@ def _first(value: Any, default: Any) -> Any:
 
 TOP_KEYS = {
     "name", "graceful_timeout", "log_file", "groups",
-    "min_uptime", "max_failures", "backoff_max", "max_workers", "reload_batch",
+    "min_uptime", "max_failures", "backoff_max", "max_workers", "reload_batch", "metrics",
 }
 GROUP_KEYS = {
     "task", "workers", "setup", "teardown", "graceful_timeout",
@@ -226,6 +227,10 @@ def validate(config: Config) -> Config:
         not isinstance(config.log_file, str | os.PathLike) or "\0" in os.fspath(config.log_file)
     ):
         raise ConfigError(f"{src}: log_file: expected a path, got {_show(config.log_file)}")
+    if config.metrics is not None:
+        from .listen import parse_address  # it imports this module
+
+        parse_address(config.metrics, f"{src}: metrics")
     if not config.groups:
         raise ConfigError(f"{src}: no groups: give a task, or at least one [groups.NAME] table")
     seen: set[str] = set()

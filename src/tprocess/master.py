@@ -24,7 +24,7 @@ from typing import Any
 
 import setproctitle
 
-from . import control, logs, notify, worker
+from . import auxiliary, control, logs, notify, worker
 from .commands import Commands, StopReport
 from .config import Config, GroupConfig
 from .guards import Guards
@@ -72,6 +72,8 @@ class Master:
         # systemd's sd_notify, in the foreground only: a daemon's main pid would be the command
         self.notifier = notify.Notifier.from_environment(enabled=not detached)
         self.timers = Timers()
+        # the metrics process (None: off), kept apart from the worker table
+        self.aux = auxiliary.metrics_process(config, self.pid, self.slots.fd, HANDLED_SIGNALS)
         self.guards = Guards(self)
         self.roller = Roller(self)
         self.commands = Commands(self)
@@ -135,23 +137,39 @@ class Master:
         log.info("starting %d workers", len(self.awaiting))
         for w in list(self.pool.all_workers()):
             self.spawn(w)
+        if self.aux is not None:
+            self.aux.start()
         while not self._finished():
             self._wait_for_events()
             self._dispatch_signals()
             self.timers.run_due()
-            if self.notifier is not None:
-                self.notifier.run_due(time.monotonic())
+            self._run_helper_timers()
         self._finish()
         return self.exit_code
 
     def _wait_for_events(self) -> None:
         timeout = 0 if self.pending_signals else self.timers.timeout()
-        systemd_due = self.notifier.next_due() if self.notifier is not None else None
-        if systemd_due is not None:  # only when systemd asked for a watchdog or a stop is long
-            until = max(0.0, systemd_due - time.monotonic())
+        for due in self._helper_deadlines():
+            until = max(0.0, due - time.monotonic())
             timeout = until if timeout is None else min(timeout, until)
         for key, _ in self.selector.select(timeout):
             key.data(key.fileobj)
+
+    def _helper_deadlines(self) -> list[float]:
+        """The systemd notifier's and the metrics process's own timers, when they have one."""
+        due = []
+        if self.notifier is not None and (systemd_due := self.notifier.next_due()) is not None:
+            due.append(systemd_due)  # only when systemd asked for a watchdog, or a stop is long
+        if self.aux is not None and (aux_due := self.aux.next_due(self.stopping)) is not None:
+            due.append(aux_due)
+        return due
+
+    def _run_helper_timers(self) -> None:
+        now = time.monotonic()
+        if self.notifier is not None:
+            self.notifier.run_due(now)
+        if self.aux is not None:
+            self.aux.run_due(now, self.stopping)
 
     def _on_wake(self, fd: int) -> None:
         try:
@@ -264,6 +282,8 @@ class Master:
                 break
             exited.append((pid, status))
         for pid, status in exited:
+            if self.aux is not None and self.aux.reaped(pid, status, self.stopping):
+                continue
             w = self.pool.by_pid.pop(pid, None)
             if w is None:
                 self.adopted.pop(pid, None)
@@ -513,8 +533,9 @@ class Master:
 
     def sweep_adopted(self) -> None:
         """Ask what tasks left behind (adopted: we are a subreaper) to stop; kill it later."""
+        aux_pid = self.aux.pid if self.aux is not None else 0
         fresh = [pid for pid in list_children(self.pid)
-                 if pid not in self.pool.by_pid and pid not in self.adopted]
+                 if pid not in self.pool.by_pid and pid not in self.adopted and pid != aux_pid]
         if not fresh:
             return
         log.info("stopping %d processes left behind by tasks: %s", len(fresh), fresh)
@@ -533,7 +554,8 @@ class Master:
         if not self.stopping or self.pool.by_pid:
             return False
         self.sweep_adopted()
-        return not self.adopted
+        aux_running = self.aux is not None and self.aux.stop()  # last: metrics stay up while workers stop
+        return not self.adopted and not aux_running
 
     def _finish(self) -> None:
         if self.report.killed:

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import control, daemon, discovery, logs
+from . import control, daemon, discovery, listen, logs
 from .config import Config, ConfigError, GroupConfig, TaskRef, validate
 from .loader import resolve_config
 
@@ -52,6 +52,8 @@ class Supervisor:
     def prepare(self) -> None:
         """Validate and import every task: raises ConfigError before anything runs."""
         validate(self.config)
+        if self.config.metrics is not None:
+            listen.check_installed()
         resolve_config(self.config)
 
     def run(self, log_level: str = "INFO") -> int:
@@ -61,6 +63,7 @@ class Supervisor:
         logs.configure(log_level, os.fdopen(log_fd, "a", buffering=1) if log_fd else None)
         listener = self._take_lock()
         self._clean_leftovers()
+        self._check_metrics_address(listener)
         from .master import Master
 
         return Master(self.config, listener, log_path=self.config.log_file).run()
@@ -79,6 +82,7 @@ class Supervisor:
         log_fd = logs.open_log_file(log_path)
         listener = self._take_lock()
         cleaned = self._clean_leftovers()
+        self._check_metrics_address(listener)
 
         def run_master(notify_fd: int) -> int:
             from .master import Master
@@ -102,6 +106,17 @@ class Supervisor:
         except control.AlreadyRunning as exc:
             pid = f" (master pid {exc.pid})" if exc.pid else ""
             raise StartError(f"tprocess {self.config.name!r} is already running{pid}") from None
+
+    def _check_metrics_address(self, listener: Any) -> None:
+        """Before anything forks, with the lock held and leftovers gone (one of them may have
+        held the port): the metrics address must be free, else one error and no instance."""
+        if self.config.metrics is None:
+            return
+        try:
+            listen.check_can_listen(*listen.parse_address(self.config.metrics, "metrics"))
+        except ConfigError:
+            listener.close()  # the lock: a later start must not find it taken
+            raise
 
     def _clean_leftovers(self) -> list[discovery.ProcessRef]:
         """Stop processes of this instance whose master died (we hold the lock now)."""
