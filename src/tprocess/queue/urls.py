@@ -74,8 +74,9 @@ def _redis_url(url: str, scheme: str) -> BrokerURL:
     return BrokerURL(scheme, url, host=host, port=port or 6379, db=int(path or 0))
 
 
-def open_broker(url: str, base_dir: str | None = None) -> Broker:
-    """A broker for a URL (the connection opens on first use, in the process that uses it)."""
+def open_broker(url: str, base_dir: str | None = None, *, retry_for: float | None = None) -> Broker:
+    """A broker for a URL (the connection opens on first use, in the process that uses it).
+    `retry_for`: seconds a lost Redis connection is retried before an operation fails (0: at once)."""
     parsed = parse_broker_url(url, base_dir)
     if parsed.scheme == "sqlite":
         from .sqlite_broker import SQLiteBroker
@@ -83,4 +84,4 @@ def open_broker(url: str, base_dir: str | None = None) -> Broker:
         return SQLiteBroker(parsed.path or "")
     from .redis_broker import RedisBroker
 
-    return RedisBroker(parsed.url)
+    return RedisBroker(parsed.url) if retry_for is None else RedisBroker(parsed.url, retry_for=retry_for)
