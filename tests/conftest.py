@@ -12,6 +12,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from helpers import Instance  # noqa: E402
 
+pytest_plugins = ["queue_fixtures"]  # redis_server, broker_url
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long soak variants")

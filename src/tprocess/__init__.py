@@ -14,6 +14,7 @@ _EXPORTS = {
     "Config": "config", "ConfigError": "config", "GroupConfig": "config",
     "StartError": "supervisor", "StartResult": "supervisor", "Supervisor": "supervisor",
     "Context": "worker",
+    "Queue": "queue", "Reject": "queue",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,170 @@
+"""run_jobs, the consuming loop, in-process with a minimal context against both real brokers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+from helpers import wait_for
+
+from tprocess import Reject
+from tprocess.queue import open_broker
+from tprocess.queue.consumer import retry_delay_for, run_jobs
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Loop:
+    """run_jobs in a thread, with a fake ctx and a wake-up pipe like a worker's."""
+
+    def __init__(self, url: str, task, **options) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.ctx = SimpleNamespace(name="t-ip-0", instance="t", stopping=False,
+                                   log=logging.getLogger("tprocess"))
+        self.broker = open_broker(url)
+        self.code: int | None = None
+        options = {"job_timeout": 30.0, "max_retries": 2, "retry_delay": 0.05, **options}
+
+        def run() -> None:
+            self.code = run_jobs(task, self.ctx, self.broker, "ip", options["job_timeout"],
+                                 options["max_retries"], options["retry_delay"], self.wake_r)
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> float:
+        """Ask to stop as a signal would (flag, then a byte on the wake fd); seconds until it returned."""
+        started = time.monotonic()
+        self.ctx.stopping = True
+        os.write(self.wake_w, b"\0")
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "run_jobs did not return after the stop"
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        self.broker.close()
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+def test_run_jobs_acks_retries_with_doubling_delay_and_dead_letters(broker_url):
+    seen: dict[str, list[tuple[int, float]]] = {}
+
+    def task(ctx, job):
+        seen.setdefault(job.data, []).append((job.attempt, time.monotonic()))
+        if job.data == "reject":
+            raise Reject("not worth a retry")
+        if job.data == "always" or (job.data == "once" and job.attempt == 1):
+            raise ValueError(f"failing {job.data}")
+
+    producer = open_broker(broker_url)
+    producer.put_many("ip", ["ok", "once", "always", "reject"])
+    loop = Loop(broker_url, task)
+    try:
+        wait_for(lambda: producer.stats("ip")["ip"]["dead"] == 2 and len(seen.get("once", ())) == 2
+                 and producer.stats("ip")["ip"]["waiting"] == 0, timeout=20, what="every job settled")
+        assert loop.stop() < 2 and loop.code == 0
+    finally:
+        loop.close()
+    assert [a for a, _ in seen["ok"]] == [1]
+    assert [a for a, _ in seen["once"]] == [1, 2]
+    assert [a for a, _ in seen["always"]] == [1, 2, 3]  # max_retries=2: three deliveries
+    assert [a for a, _ in seen["reject"]] == [1]
+    times = [t for _, t in seen["always"]]
+    assert times[1] - times[0] >= 0.045 and times[2] - times[1] >= 0.095  # 0.05 then 0.1
+    dead = {d.data: d for d in producer.dead_jobs("ip")}
+    assert set(dead) == {'"always"', '"reject"'}
+    assert "ValueError: failing always" in dead['"always"'].error and dead['"always"'].attempts == 3
+    assert "Reject: not worth a retry" in dead['"reject"'].error
+    stats = producer.stats("ip")["ip"]
+    assert (stats["waiting"], stats["running"], stats["done_last_minute"]) == (0, 0, 2)
+    producer.close()
+
+
+def test_idle_run_jobs_stops_within_100_ms(broker_url):
+    loop = Loop(broker_url, lambda ctx, job: None)
+    try:
+        time.sleep(0.3)  # let it settle into its wait for a job: nothing to await here
+        assert loop.thread.is_alive()
+        assert loop.stop() < 0.1
+        assert loop.code == 0
+    finally:
+        loop.close()
+
+
+def test_a_stop_during_a_job_lets_it_finish_and_acknowledges_it(broker_url):
+    started, release = threading.Event(), threading.Event()
+
+    def task(ctx, job):
+        started.set()
+        assert release.wait(10)
+
+    producer = open_broker(broker_url)
+    producer.put_many("ip", ["held", "next"])
+    loop = Loop(broker_url, task)
+    try:
+        assert started.wait(10)
+        loop.ctx.stopping = True
+        os.write(loop.wake_w, b"\0")
+        time.sleep(0.1)  # the stop must not end the job: give it a chance to (wrongly) do so
+        assert loop.thread.is_alive()
+        release.set()
+        loop.thread.join(10)
+        assert loop.code == 0
+    finally:
+        release.set()
+        loop.close()
+    stats = producer.stats("ip")["ip"]
+    assert (stats["waiting"], stats["running"], stats["done_last_minute"]) == (1, 0, 1)
+    producer.close()
+
+
+def test_a_job_fetched_as_the_stop_comes_is_handed_back_unstarted(broker_url):
+    producer = open_broker(broker_url)
+    job_id = producer.put("ip", "unstarted")
+    ran = []
+    broker = open_broker(broker_url)
+    ctx = SimpleNamespace(name="t-ip-0", stopping=False, log=logging.getLogger("tprocess"))
+    real_fetch = broker.fetch
+
+    def fetch_then_stop(*args, **kwargs):  # the stop signal lands while fetch returns
+        job = real_fetch(*args, **kwargs)
+        ctx.stopping = True
+        return job
+    broker.fetch = fetch_then_stop
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
+    try:
+        assert run_jobs(lambda c, j: ran.append(j), ctx, broker, "ip", 30.0, 3, 1.0, wake_r) == 0
+    finally:
+        os.close(wake_r)
+        os.close(wake_w)
+        broker.close()
+    assert ran == []
+    assert producer.stats("ip")["ip"]["running"] == 0
+    job = producer.fetch("ip", "other", 5, 30)
+    assert (job.id, job.attempt) == (job_id, 1)
+    producer.close()
+
+
+def test_task_exiting_ends_the_loop_with_its_code_and_the_job_is_retried(broker_url):
+    producer = open_broker(broker_url)
+    producer.put("ip", "exit")
+
+    def task(ctx, job):
+        raise SystemExit(7)
+    loop = Loop(broker_url, task)
+    try:
+        loop.thread.join(10)
+        assert loop.code == 7
+    finally:
+        loop.close()
+    job = producer.fetch("ip", "other", 5, 30)
+    assert (job.data, job.attempt) == ("exit", 2)
+    producer.close()
+
+
+def test_retry_delay_doubles_and_is_capped():
+    assert [retry_delay_for(a, 1.0, 5.0) for a in (1, 2, 3, 4, 5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
