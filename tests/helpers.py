@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 TPROCESS = str(Path(sys.executable).parent / "tprocess")
+INSTANCE_COMMANDS = ("start", "stop", "status", "reload", "scale", "top", "logs")
 T = TypeVar("T")
 
 
@@ -123,7 +124,7 @@ class Instance:
     def run(self, *args: str, timeout: float = 60.0, name: bool = True,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         argv = [TPROCESS, *args]
-        if name and "--name" not in args and args and args[0] in ("start", "stop", "status"):
+        if name and "--name" not in args and args and args[0] in INSTANCE_COMMANDS:
             argv += ["--name", self.name]
         return subprocess.run(argv, cwd=self.dir, capture_output=True, text=True,
                               timeout=timeout, env=self._env(env))
