@@ -22,6 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 MAX_REQUEST = 4096
+REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
+MAX_PENDING = 64  # connections still sending; past that the oldest is dropped
 
 
 class AlreadyRunning(Exception):
@@ -136,10 +138,11 @@ class Server:
     """
 
     def __init__(self, listener: socket.socket, selector: selectors.BaseSelector,
-                 handlers: dict[str, Handler]) -> None:
+                 handlers: dict[str, Handler], call_later: Callable[..., Any]) -> None:
         self.selector = selector
         self.handlers = handlers
-        self.partial: dict[socket.socket, bytes] = {}  # requests still arriving
+        self.call_later = call_later
+        self.pending: dict[socket.socket, bytes] = {}  # requests still arriving, oldest first
         selector.register(listener, selectors.EVENT_READ, self._on_accept)
 
     def _on_accept(self, listener: socket.socket) -> None:
@@ -150,25 +153,37 @@ class Server:
         if not trusted(conn):
             conn.close()
             return
+        if len(self.pending) >= MAX_PENDING:  # a flood of silent clients must not exhaust our fds
+            self._drop(next(iter(self.pending)))
         conn.setblocking(False)
+        self.pending[conn] = b""
         self.selector.register(conn, selectors.EVENT_READ, self._on_readable)
+        self.call_later(REQUEST_TIMEOUT, self._expire, conn)
+
+    def _expire(self, conn: socket.socket) -> None:
+        if conn in self.pending:
+            self._drop(conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        del self.pending[conn]
+        self.selector.unregister(conn)
+        conn.close()
 
     def _on_readable(self, conn: socket.socket) -> None:
-        buffered = self.partial.pop(conn, b"")
         try:
             data = conn.recv(MAX_REQUEST)
         except BlockingIOError:
-            data = None
+            return
         except OSError:
             data = b""
-        if data == b"" or len(buffered) > MAX_REQUEST:
-            self.selector.unregister(conn)
-            conn.close()
+        buffered = self.pending[conn] + data
+        if not data or len(buffered) > MAX_REQUEST and b"\n" not in buffered[:MAX_REQUEST]:
+            self._drop(conn)
             return
-        buffered += data or b""
         if b"\n" not in buffered:
-            self.partial[conn] = buffered
+            self.pending[conn] = buffered
             return
+        del self.pending[conn]
         self.selector.unregister(conn)
         self._dispatch(conn, buffered.split(b"\n", 1)[0])
 
@@ -180,7 +195,7 @@ class Server:
         command = request.get("cmd") if isinstance(request, dict) else None
         handler = self.handlers.get(command) if isinstance(command, str) else None
         if handler is None:
-            reply(conn, {"error": f"unknown request {line[:80]!r}"})
+            reply(conn, {"error": f"unknown request {line[:80]!r}", "code": 2})
         else:
             handler(conn, request)
 

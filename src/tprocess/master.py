@@ -102,7 +102,8 @@ class Master:
         self.report_r.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
         self.selector.register(self.report_r, selectors.EVENT_READ, self._on_report)
-        self.control = control.Server(self.listener, self.selector, self.commands.handlers())
+        self.control = control.Server(self.listener, self.selector, self.commands.handlers(),
+                                      self.timers.call_later)
 
     def _install_signals(self) -> None:
         for sig in HANDLED_SIGNALS:
