@@ -15,7 +15,7 @@ import re
 import select
 import signal
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 
 def marker_name(uid: int, name: str) -> str:
@@ -23,10 +23,14 @@ def marker_name(uid: int, name: str) -> str:
     return f"tprocess:{uid}:{name}"
 
 
-@dataclass(frozen=True)
-class ProcessRef:
-    """A process proven to be ours, identified by pid and kernel start time."""
+class ProcessRef(namedtuple("ProcessRef", "pid start_ticks title")):
+    """A process proven to be ours, identified by pid and kernel start time.
 
+    A named tuple, not a dataclass: `stop` and `status` import this module, and
+    dataclasses (through inspect) would cost them milliseconds.
+    """
+
+    __slots__ = ()
     pid: int
     start_ticks: int
     title: str
