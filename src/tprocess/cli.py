@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 EXIT_INTERRUPTED = 130
 STOP_MARGIN = 30.0  # extra seconds stop waits for a master beyond the graceful timeout
-COMMANDS = ("start", "stop", "status", "logs", "reload", "scale")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -60,8 +59,17 @@ def run(argv: list[str]) -> int:
     """Parse argv and run the command; return its exit code (UserError on a mistake)."""
     if not argv:
         raise UserError(f"missing command: one of {', '.join(COMMANDS)} (see tprocess --help)")
-    parser, value_options = build_parser()
-    args = parser.parse_args(glue_option_values(argv, value_options))
+    if argv[0] in COMMANDS:
+        # only the command's own parser: building all six costs milliseconds (gettext, formatters)
+        parser = Parser(prog=f"tprocess {argv[0]}", description=COMMANDS[argv[0]][0],
+                        allow_abbrev=False, formatter_class=Formatter)
+        value_flags = add_options(argv[0], parser)
+        args = parser.parse_args(glue_option_values(argv[1:], value_flags))
+    elif argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        raise UserError(f"unrecognized option {argv[0]!r}: the command comes first "
+                        f"(one of {', '.join(COMMANDS)})")
+    else:  # --help, --version or an unknown command: the full parser answers
+        args = build_parser().parse_args(argv)
     return args.run(args)
 
 
@@ -80,119 +88,116 @@ class Parser(argparse.ArgumentParser):
         raise UserError(message, EXIT_USAGE)
 
 
-class ValueOptions(dict):
-    """Every option that takes a value, by command: its flags -> its long flag."""
+class Formatter(argparse.HelpFormatter):
+    """Sized here: argparse's own sizing imports shutil, milliseconds on every command."""
 
-    def add(self, parser: argparse.ArgumentParser, command: str, *flags: str, **kwargs: object) -> None:
-        parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
-        long_flag = next(f for f in flags if f.startswith("--"))
-        self.setdefault(command, {}).update(dict.fromkeys(flags, long_flag))
+    def __init__(self, prog: str, **kwargs: object) -> None:
+        kwargs.setdefault("width", _help_width())
+        super().__init__(prog, **kwargs)  # type: ignore[arg-type]
 
 
-def glue_option_values(argv: list[str], value_options: ValueOptions) -> list[str]:
+def _help_width() -> int:
+    """As shutil.get_terminal_size: $COLUMNS, else the terminal's width, else 80; minus 2."""
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() else 0
+    if width <= 0:
+        try:
+            width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            width = 0
+    return (width or 80) - 2
+
+
+def glue_option_values(words: list[str], value_flags: dict[str, str]) -> list[str]:
     """`--timeout -inf` -> `--timeout=-inf`: an option's value is the next word, whatever it is.
 
-    argparse would take a value starting with '-' for an option (`--name -x`,
-    `--timeout -inf`) and report a missing value instead of naming the bad value.
+    argparse would not take a value starting with '-' (`--name -x`, `--timeout -inf`)
+    and would report a missing value instead of naming the bad one.
     """
-    command = argv[0] if argv and argv[0] in value_options else None
-    if command is None:
-        return argv
-    flags = value_options[command]
-    glued = [command]
-    words = iter(argv[1:])
-    for word in words:
+    glued: list[str] = []
+    rest = iter(words)
+    for word in rest:
         if word == "--":
-            glued += [word, *words]
+            glued += [word, *rest]
             break
-        value = next(words, None) if word in flags else None
-        if value is None:
-            glued.append(word)
-        else:
-            glued.append(f"{flags[word]}={value}")
+        value = next(rest, None) if word in value_flags else None
+        glued.append(word if value is None else f"{value_flags[word]}={value}")
     return glued
 
 
-def build_parser() -> tuple[Parser, ValueOptions]:
-    parser = Parser(prog="tprocess", allow_abbrev=False,
+def build_parser() -> Parser:
+    """The whole command line, for --help, --version and unknown commands."""
+    parser = Parser(prog="tprocess", allow_abbrev=False, formatter_class=Formatter,
                     description="Keep N named Python worker processes alive under one master.")
     parser.add_argument("--version", action="version", version=f"tprocess, version {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    options = ValueOptions()
-    for add_command, name in ((_start_parser, "start"), (_stop_parser, "stop"), (_status_parser, "status"),
-                              (_logs_parser, "logs"), (_reload_parser, "reload"), (_scale_parser, "scale")):
-        add_command(commands, options, name)
-    return parser, options
+    for name, (summary, _) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False,
+                                  formatter_class=Formatter)
+        add_options(name, sub)
+    return parser
 
 
-def _subparser(commands: argparse._SubParsersAction, name: str, summary: str,
-               handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-    sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False)
-    sub.set_defaults(run=handler)
-    return sub
+class Arguments:
+    """Adds one command's arguments to its parser, noting the options that take a value."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.value_flags: dict[str, str] = {}  # flag -> long flag, for glue_option_values
+
+    def value(self, *flags: str, **kwargs: object) -> None:
+        self.parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+        self.value_flags.update(dict.fromkeys(flags, flags[-1]))  # the long flag comes last
+
+    def switch(self, *flags: str, help: str, dest: str | None = None) -> None:
+        self.parser.add_argument(*flags, action="store_true", help=help, **({"dest": dest} if dest else {}))
+
+    def positional(self, dest: str, help: str, optional: bool = False) -> None:
+        self.parser.add_argument(dest, nargs="?" if optional else None, metavar=dest.upper(), help=help)
+
+    def instance(self) -> None:
+        self.value("--name", help=f"instance name (default {DEFAULT_NAME!r})")
+        self.value("-c", "--config", metavar="FILE", dest="config_file",
+                   help="take the name from this config file")
 
 
-def _instance_options(sub: argparse.ArgumentParser, options: ValueOptions, command: str) -> None:
-    options.add(sub, command, "--name", help=f"instance name (default {DEFAULT_NAME!r})")
-    options.add(sub, command, "-c", "--config", metavar="FILE", dest="config_file",
-                help="take the name from this config file")
+def add_options(command: str, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Add a command's arguments; return its options that take a value (flag -> long flag)."""
+    parser.set_defaults(run=COMMANDS[command][1])
+    args = Arguments(parser)
+    if command == "start":
+        _start_arguments(args)
+        return args.value_flags
+    args.instance()
+    if command == "stop":
+        args.value("--timeout", type=_seconds, metavar="S",
+                   help="seconds workers may take to finish (default: each group's graceful_timeout)")
+    elif command == "status":
+        args.switch("--json", dest="as_json", help="print JSON instead of a table")
+    elif command == "logs":
+        args.value("-n", "--lines", type=_integer(low=0), default=20, metavar="LINES",
+                   help="how many of the last lines to print (default 20)")
+        args.switch("-f", "--follow", help="then print new lines as they come, across log rotations, "
+                    "until Ctrl-C")
+    elif command == "scale":
+        args.positional("group", "the group (may be left out if there is only one)", optional=True)
+        args.positional("count", "the new number of workers, or +K / -K")
+    return args.value_flags
 
 
-def _start_parser(commands: argparse._SubParsersAction, options: ValueOptions, command: str) -> None:
-    sub = _subparser(commands, command, "Start an instance running TASK (FILE.py:function or "
-                     "module:function), or the groups of a config file.", start)
-    sub.add_argument("task", nargs="?", metavar="TASK", help="FILE.py:function or module:function")
-    options.add(sub, command, "-n", "--workers", type=_integer(), metavar="N",
-                help="number of workers for TASK (default 1)")
-    options.add(sub, command, "-c", "--config", metavar="FILE", dest="config_file",
-                help="TOML file with the name and groups")
-    options.add(sub, command, "--name", help=f"instance name and title prefix (default {DEFAULT_NAME!r})")
-    sub.add_argument("-d", "--daemon", action="store_true", help="detach; return once every worker is up")
-    options.add(sub, command, "--log-file", metavar="FILE",
-                help="log file (default for -d: ~/.local/state/tprocess/NAME.log)")
-    options.add(sub, command, "--graceful-timeout", type=_seconds, metavar="S",
-                help="seconds a stopping worker may take")
-    options.add(sub, command, "--log-level", type=_log_level, default="INFO", metavar="LEVEL",
-                help=f"{', '.join(LOG_LEVELS)} (default INFO)")
-    options.add(sub, command, "--metrics", metavar="HOST:PORT",
-                help="serve metrics over HTTP at this address")
-
-
-def _stop_parser(commands: argparse._SubParsersAction, options: ValueOptions, command: str) -> None:
-    sub = _subparser(commands, command, "Stop an instance: every worker finishes its task, then all exit.",
-                     stop)
-    _instance_options(sub, options, command)
-    options.add(sub, command, "--timeout", type=_seconds, metavar="S",
-                help="seconds workers may take to finish (default: each group's graceful_timeout)")
-
-
-def _status_parser(commands: argparse._SubParsersAction, options: ValueOptions, command: str) -> None:
-    sub = _subparser(commands, command, "Show the master and each worker; exit 0 if running, 3 if not.",
-                     status)
-    _instance_options(sub, options, command)
-    sub.add_argument("--json", dest="as_json", action="store_true", help="print JSON instead of a table")
-
-
-def _logs_parser(commands: argparse._SubParsersAction, options: ValueOptions, command: str) -> None:
-    sub = _subparser(commands, command, "Print the last lines of an instance's log; -f follows it.", logs)
-    _instance_options(sub, options, command)
-    options.add(sub, command, "-n", "--lines", type=_integer(low=0), default=20,
-                metavar="LINES", help="how many of the last lines to print (default 20)")
-    sub.add_argument("-f", "--follow", action="store_true",
-                     help="then print new lines as they come, across log rotations, until Ctrl-C")
-
-
-def _reload_parser(commands: argparse._SubParsersAction, options: ValueOptions, command: str) -> None:
-    sub = _subparser(commands, command, "Replace every worker with one running the current code and "
-                     "config, one at a time; returns when done.", reload)
-    _instance_options(sub, options, command)
-
-
-def _scale_parser(commands: argparse._SubParsersAction, options: ValueOptions, command: str) -> None:
-    sub = _subparser(commands, command, "Set a group's number of workers: COUNT, or +K / -K.", scale)
-    _instance_options(sub, options, command)
-    sub.add_argument("group", nargs="?", metavar="GROUP", help="the group (may be left out if there is one)")
-    sub.add_argument("count", metavar="COUNT", help="the new number of workers, or +K / -K")
+def _start_arguments(args: Arguments) -> None:
+    args.positional("task", "FILE.py:function or module:function", optional=True)
+    args.value("-n", "--workers", type=_integer(), metavar="N", help="number of workers for TASK (default 1)")
+    args.value("-c", "--config", metavar="FILE", dest="config_file",
+               help="TOML file with the name and groups")
+    args.value("--name", help=f"instance name and title prefix (default {DEFAULT_NAME!r})")
+    args.switch("-d", "--daemon", help="detach; return once every worker is up")
+    args.value("--log-file", metavar="FILE",
+               help="log file (default for -d: ~/.local/state/tprocess/NAME.log)")
+    args.value("--graceful-timeout", type=_seconds, metavar="S", help="seconds a stopping worker may take")
+    args.value("--log-level", type=_log_level, default="INFO", metavar="LEVEL",
+               help=f"{', '.join(LOG_LEVELS)} (default INFO)")
+    args.value("--metrics", metavar="HOST:PORT", help="serve metrics over HTTP at this address")
 
 
 def _integer(low: int | None = None) -> Callable[[str], int]:
@@ -415,3 +420,16 @@ def scale(args: argparse.Namespace) -> int:
 
     count = parse_count(args.count)  # a malformed COUNT is a usage error before anything is sent
     return scale_command(_instance_name(args), args.group, count)
+
+
+# name -> (summary, handler); the order of --help
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "start": ("Start an instance running TASK (FILE.py:function or module:function), "
+              "or the groups of a config file.", start),
+    "stop": ("Stop an instance: every worker finishes its task, then all exit.", stop),
+    "status": ("Show the master and each worker; exit 0 if running, 3 if not.", status),
+    "logs": ("Print the last lines of an instance's log; -f follows it.", logs),
+    "reload": ("Replace every worker with one running the current code and config, one at a time; "
+               "returns when done.", reload),
+    "scale": ("Set a group's number of workers: COUNT, or +K / -K.", scale),
+}

@@ -57,8 +57,9 @@ def find_instance(name: str) -> list[ProcessRef]:
         if not entry.isdigit():
             continue
         pid = int(entry)
-        title = _own_title(pid, uid)
-        if title is None or not pattern.fullmatch(title):
+        title = _title(pid)
+        # the owner is checked only for the few processes titled like the instance
+        if title is None or not pattern.fullmatch(title) or not _owned_by(pid, uid):
             continue
         ref = _prove(pid, title, marker)
         if ref is not None:
@@ -66,16 +67,28 @@ def find_instance(name: str) -> list[ProcessRef]:
     return found
 
 
-def _own_title(pid: int, uid: int) -> str | None:
-    """The command line of a process of user uid, as ps shows it; None otherwise."""
-    try:
-        if os.stat(f"/proc/{pid}").st_uid != uid:
-            return None
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmdline = fh.read()
+def _title(pid: int) -> str | None:
+    """The command line of a process as ps shows it; None if it is gone or unreadable."""
+    try:  # os.read, not open(): this runs for every process on every `start`, `stop` and `status`
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    try:
+        chunks = [os.read(fd, 4096)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 4096))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _owned_by(pid: int, uid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == uid
+    except OSError:
+        return False
 
 
 def _prove(pid: int, title: str, marker: str) -> ProcessRef | None:
