@@ -57,7 +57,8 @@ def main() -> None:
             cpus[label].append(cpu)
     base_wall = statistics.median(walls["python -c pass"])
     base_cpu = statistics.median(cpus["python -c pass"])
-    print(f"{'command':34} {'wall ms':>8} {'+ms':>6} {'cpu ms':>8} {'+ms':>6}   ({rounds} runs each, medians)")
+    print(f"{'command':34} {'wall ms':>8} {'+ms':>6} {'cpu ms':>8} {'+ms':>6}"
+          f"   ({rounds} runs each, medians)")
     for label in commands:
         wall, cpu = statistics.median(walls[label]), statistics.median(cpus[label])
         print(f"{label:34} {wall * 1000:8.1f} {(wall - base_wall) * 1000:6.1f} "

@@ -13,7 +13,6 @@ instance has stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import socket
@@ -99,6 +98,8 @@ def connect(name: str, timeout: float = 5.0) -> socket.socket:
 
 
 def send(sock: socket.socket, message: dict[str, Any]) -> None:
+    import json  # here, not at the top: `stop`/`status` of an instance that is not running never need it
+
     sock.sendall(json.dumps(message).encode() + b"\n")
 
 
@@ -112,6 +113,8 @@ def receive(sock: socket.socket) -> dict[str, Any]:
         chunks.append(chunk)
     if not chunks:
         raise ConnectionError("the master closed the connection without answering")
+    import json
+
     return json.loads(b"".join(chunks))
 
 
@@ -176,6 +179,8 @@ class Server:
 
     def _dispatch(self, conn: socket.socket, line: bytes) -> None:
         try:
+            import json
+
             request = json.loads(line)
         except ValueError:
             request = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import signal
 import time
 from collections import namedtuple
 
@@ -147,6 +146,8 @@ def send_signal(ref: ProcessRef, sig: int) -> bool:
     if fd is None:
         return False
     try:
+        import signal  # here: `stop`/`status` that find nothing never need it
+
         signal.pidfd_send_signal(fd, sig)
         return True
     except ProcessLookupError:
@@ -183,6 +184,8 @@ def wait_gone(refs: list[ProcessRef], timeout: float) -> list[ProcessRef]:
 
 def stop_processes(refs: list[ProcessRef], timeout: float) -> tuple[list[ProcessRef], list[ProcessRef]]:
     """SIGTERM, wait up to timeout, SIGKILL the rest. Returns (stopped, killed)."""
+    import signal
+
     for ref in refs:
         send_signal(ref, signal.SIGTERM)
     left = wait_gone(refs, timeout)
