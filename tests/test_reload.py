@@ -112,7 +112,9 @@ class Sampler(threading.Thread):
 
 def start_config(inst, workers=3, batch=1):
     inst.write("tprocess.toml", CONFIG.format(name=inst.name, workers=workers, batch=batch))
-    inst.start("-c", "tprocess.toml")
+    # the name from the file, not --name: a --name would be kept over the reload
+    started = inst.run("start", "-c", "tprocess.toml", "-d", "--log-file", str(inst.log), name=False)
+    assert started.returncode == 0, (started.stdout, started.stderr, inst.read_log())
     return inst.wait_workers(workers)
 
 

@@ -6,7 +6,9 @@ The names below are imported on first use, so that `tprocess stop` and
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing costs milliseconds on every command; only checkers need it
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

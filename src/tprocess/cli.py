@@ -1,24 +1,34 @@
-"""The `tprocess` command: start, stop, status.
+"""The `tprocess` command: start, stop, status, logs, reload, scale.
 
 Exit codes: 0 success; 1 a command failed at run time (start-up failed, stop had
-to kill a worker mid-task); 2 a usage or configuration mistake; 3 `status` of an
+to kill a worker mid-task, the instance is not running for logs/reload/scale, a
+reload or scale failed); 2 a usage or configuration mistake; 3 `status` of an
 instance that is not running (the LSB convention).
+
+Built on argparse, and every import off the path of stop/status/scale/reload is
+lazy: these commands answer within a few milliseconds of a bare interpreter.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import select
 import sys
-from typing import Any
 
-import click
+from . import __version__, control
+from .checks import DEFAULT_NAME, ConfigError, check_name, check_seconds
 
-from . import __version__, control, discovery
-from .config import DEFAULT_NAME, Config, ConfigError, check_name, check_seconds, load_file
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+
+    from .config import Config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
+EXIT_INTERRUPTED = 130
 STOP_MARGIN = 30.0  # extra seconds stop waits for a master beyond the graceful timeout
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 class UserError(Exception):
@@ -30,74 +40,240 @@ class UserError(Exception):
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script: run one command and exit with its code."""
     try:
-        code = cli.main(args=argv, prog_name="tprocess", standalone_mode=False)
+        code = run(sys.argv[1:] if argv is None else argv)
     except UserError as exc:
         _fail(str(exc), exc.code)
     except ConfigError as exc:
         _fail(str(exc), EXIT_USAGE)
-    except click.ClickException as exc:
-        _fail(exc.format_message(), exc.exit_code)
-    except click.exceptions.Abort:
-        _fail("aborted", 130)
-    sys.exit(code or 0)
-
-
-def _fail(message: str, code: int) -> None:
-    click.echo(f"tprocess: error: {message}", err=True)
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # `tprocess logs | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 0
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(version=__version__, prog_name="tprocess")
-def cli() -> None:
-    """Keep N named Python worker processes alive under one master."""
+def run(argv: list[str]) -> int:
+    """Parse argv and run the command; return its exit code (UserError on a mistake)."""
+    if not argv:
+        raise UserError(f"missing command: one of {', '.join(COMMANDS)} (see tprocess --help)")
+    if argv[0] in COMMANDS:
+        # only the command's own parser: building all six costs milliseconds (gettext, formatters)
+        parser = Parser(prog=f"tprocess {argv[0]}", description=COMMANDS[argv[0]][0],
+                        allow_abbrev=False, formatter_class=Formatter)
+        value_flags = add_options(argv[0], parser)
+        args = parser.parse_args(glue_option_values(argv[1:], value_flags))
+    elif argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        raise UserError(f"unrecognized option {argv[0]!r}: the command comes first "
+                        f"(one of {', '.join(COMMANDS)})")
+    else:  # --help, --version or an unknown command: the full parser answers
+        args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"tprocess: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+# --- the parser ----------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake reported as one `tprocess: error:` line (exit 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(message, EXIT_USAGE)
+
+
+class Formatter(argparse.HelpFormatter):
+    """Sized here: argparse's own sizing imports shutil, milliseconds on every command."""
+
+    def __init__(self, prog: str, **kwargs: object) -> None:
+        kwargs.setdefault("width", _help_width())
+        super().__init__(prog, **kwargs)  # type: ignore[arg-type]
+
+
+def _help_width() -> int:
+    """As shutil.get_terminal_size: $COLUMNS, else the terminal's width, else 80; minus 2."""
+    columns = os.environ.get("COLUMNS", "")
+    width = int(columns) if columns.isdigit() else 0
+    if width <= 0:
+        try:
+            width = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            width = 0
+    return (width or 80) - 2
+
+
+def glue_option_values(words: list[str], value_flags: dict[str, str]) -> list[str]:
+    """`--timeout -inf` -> `--timeout=-inf`: an option's value is the next word, whatever it is.
+
+    argparse would not take a value starting with '-' (`--name -x`, `--timeout -inf`)
+    and would report a missing value instead of naming the bad one.
+    """
+    glued: list[str] = []
+    rest = iter(words)
+    for word in rest:
+        if word == "--":
+            glued += [word, *rest]
+            break
+        value = next(rest, None) if word in value_flags else None
+        glued.append(word if value is None else f"{value_flags[word]}={value}")
+    return glued
+
+
+def build_parser() -> Parser:
+    """The whole command line, for --help, --version and unknown commands."""
+    parser = Parser(prog="tprocess", allow_abbrev=False, formatter_class=Formatter,
+                    description="Keep N named Python worker processes alive under one master.")
+    parser.add_argument("--version", action="version", version=f"tprocess, version {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    for name, (summary, _) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False,
+                                  formatter_class=Formatter)
+        add_options(name, sub)
+    return parser
+
+
+class Arguments:
+    """Adds one command's arguments to its parser, noting the options that take a value."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self.value_flags: dict[str, str] = {}  # flag -> long flag, for glue_option_values
+
+    def value(self, *flags: str, **kwargs: object) -> None:
+        self.parser.add_argument(*flags, **kwargs)  # type: ignore[arg-type]
+        self.value_flags.update(dict.fromkeys(flags, flags[-1]))  # the long flag comes last
+
+    def switch(self, *flags: str, help: str, dest: str | None = None) -> None:
+        self.parser.add_argument(*flags, action="store_true", help=help, **({"dest": dest} if dest else {}))
+
+    def positional(self, dest: str, help: str, optional: bool = False) -> None:
+        self.parser.add_argument(dest, nargs="?" if optional else None, metavar=dest.upper(), help=help)
+
+    def instance(self) -> None:
+        self.value("--name", help=f"instance name (default {DEFAULT_NAME!r})")
+        self.value("-c", "--config", metavar="FILE", dest="config_file",
+                   help="take the name from this config file")
+
+
+def add_options(command: str, parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Add a command's arguments; return its options that take a value (flag -> long flag)."""
+    parser.set_defaults(run=COMMANDS[command][1])
+    args = Arguments(parser)
+    if command == "start":
+        _start_arguments(args)
+        return args.value_flags
+    args.instance()
+    if command == "stop":
+        args.value("--timeout", type=_seconds, metavar="S",
+                   help="seconds workers may take to finish (default: each group's graceful_timeout)")
+    elif command == "status":
+        args.switch("--json", dest="as_json", help="print JSON instead of a table")
+    elif command == "logs":
+        args.value("-n", "--lines", type=_integer(low=0), default=20, metavar="LINES",
+                   help="how many of the last lines to print (default 20)")
+        args.switch("-f", "--follow", help="then print new lines as they come, across log rotations, "
+                    "until Ctrl-C")
+    elif command == "scale":
+        args.positional("group", "the group (may be left out if there is only one)", optional=True)
+        args.positional("count", "the new number of workers, or +K / -K")
+    return args.value_flags
+
+
+def _start_arguments(args: Arguments) -> None:
+    args.positional("task", "FILE.py:function or module:function", optional=True)
+    args.value("-n", "--workers", type=_integer(), metavar="N", help="number of workers for TASK (default 1)")
+    args.value("-c", "--config", metavar="FILE", dest="config_file",
+               help="TOML file with the name and groups")
+    args.value("--name", help=f"instance name and title prefix (default {DEFAULT_NAME!r})")
+    args.switch("-d", "--daemon", help="detach; return once every worker is up")
+    args.value("--log-file", metavar="FILE",
+               help="log file (default for -d: ~/.local/state/tprocess/NAME.log)")
+    args.value("--graceful-timeout", type=_seconds, metavar="S", help="seconds a stopping worker may take")
+    args.value("--log-level", type=_log_level, default="INFO", metavar="LEVEL",
+               help=f"{', '.join(LOG_LEVELS)} (default INFO)")
+    args.value("--metrics", metavar="HOST:PORT", help="serve metrics over HTTP at this address")
+
+
+def _integer(low: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number, at least `low`; the error names the text as given."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    """An argparse type; the range (no NaN, no inf, no negative) is checked with the config's rules."""
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def _log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.upper()
+
+
+def _instance_name(args: argparse.Namespace) -> str:
+    name = args.name
+    if name is None and args.config_file:
+        from .config import load_file
+
+        name = load_file(args.config_file).name
+    return check_name(DEFAULT_NAME if name is None else name, "--name")
 
 
 # --- start -------------------------------------------------------------------------
 
 
-@cli.command()
-@click.argument("task", required=False)
-@click.option("-n", "--workers", type=int, help="Number of workers for TASK (default 1).")
-@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
-              help="TOML file with the name and groups.")
-@click.option("--name", help=f"Instance name and title prefix (default {DEFAULT_NAME!r}).")
-@click.option("-d", "--daemon", is_flag=True, help="Detach; return once every worker is up.")
-@click.option("--log-file", help="Log file (default for -d: ~/.local/state/tprocess/NAME.log).")
-@click.option("--graceful-timeout", type=float, help="Seconds a stopping worker may take.")
-@click.option("--metrics", metavar="HOST:PORT",
-              help="Serve Prometheus metrics on HOST:PORT (or PORT: host 127.0.0.1). Default: off.")
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def start(task: str | None, workers: int | None, config_file: str | None, name: str | None,
-          daemon: bool, log_file: str | None, graceful_timeout: float | None,
-          metrics: str | None, log_level: str) -> int:
-    """Start an instance running TASK (FILE.py:function or module:function)."""
+def start(args: argparse.Namespace) -> int:
     from .supervisor import StartError, Supervisor
 
-    config = _start_config(task, workers, config_file)
-    if name is not None:
-        config.name = name
-    if log_file is not None:
-        config.log_file = log_file
-    if graceful_timeout is not None:
-        config.graceful_timeout = graceful_timeout
-    if metrics is not None:
-        config.metrics = metrics
+    config = _start_config(args.task, args.workers, args.config_file)
+    if args.metrics is not None:
+        _set_metrics(config, args.metrics)
+    options = {"name": args.name, "log_file": args.log_file, "graceful_timeout": args.graceful_timeout,
+               "metrics": args.metrics}
+    for key, value in options.items():
+        if value is not None:  # kept over a reload, which reads the config file again
+            setattr(config, key, value)
+            config.overrides[key] = value
     sup = Supervisor(config=config)
     try:
-        if not daemon:
-            return sup.run(log_level.upper())
-        result = sup.start_detached(log_level.upper())
+        if not args.daemon:
+            return sup.run(args.log_level)
+        result = sup.start_detached(args.log_level)
     except StartError as exc:
         raise UserError(str(exc), EXIT_FAILED) from None
-    click.echo(f"tprocess {config.name!r} started: master pid {result.master_pid}, "
-               f"{result.workers} workers (log: {result.log_file})")
+    print(f"tprocess {config.name!r} started: master pid {result.master_pid}, "
+          f"{result.workers} workers (log: {result.log_file})")
     return 0
 
 
+def _set_metrics(config: Config, address: str) -> None:
+    """--metrics HOST:PORT overrides the config's `metrics` (validated with the rest of the config)."""
+    if not hasattr(config, "metrics"):
+        raise UserError("--metrics: this version of tprocess has no metrics endpoint")
+    config.metrics = address
+
+
 def _start_config(task: str | None, workers: int | None, config_file: str | None) -> Config:
+    from .config import load_file
     from .supervisor import one_task_config
 
     if config_file and task:
@@ -114,15 +290,9 @@ def _start_config(task: str | None, workers: int | None, config_file: str | None
 # --- stop ---------------------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--name", help=f"Instance name (default {DEFAULT_NAME!r}).")
-@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
-              help="Take the name from this config file.")
-@click.option("--timeout", type=float,
-              help="Seconds workers may take to finish (default: each group's graceful_timeout).")
-def stop(name: str | None, config_file: str | None, timeout: float | None) -> int:
-    """Stop an instance: every worker finishes its task, then all exit."""
-    name = _instance_name(name, config_file)
+def stop(args: argparse.Namespace) -> int:
+    name = _instance_name(args)
+    timeout = args.timeout
     if timeout is not None:
         check_seconds(timeout, "--timeout")
     try:
@@ -133,7 +303,9 @@ def stop(name: str | None, config_file: str | None, timeout: float | None) -> in
         return _stop_master(name, conn, timeout)
 
 
-def _stop_master(name: str, conn: Any, timeout: float | None) -> int:
+def _stop_master(name: str, conn: socket.socket, timeout: float | None) -> int:
+    import select
+
     master_pid = control.peer_pid(conn)
     pidfd = os.pidfd_open(master_pid)  # valid: the master holds this connection open
     reply = None
@@ -147,55 +319,51 @@ def _stop_master(name: str, conn: Any, timeout: float | None) -> int:
     finally:
         os.close(pidfd)
     if reply is None:
-        click.echo(f"tprocess: error: the master (pid {master_pid}) ended without reporting "
-                   "the stop; stopping what it left", err=True)
+        print(f"tprocess: error: the master (pid {master_pid}) ended without reporting "
+              "the stop; stopping what it left", file=sys.stderr)
         _stop_leftovers(name, timeout)
         return EXIT_FAILED
     stopped = ", ".join(f"{w['name']} (pid {w['pid']})" for w in reply["stopped"])
-    click.echo(f"stopped {name}-master (pid {master_pid}) and {len(reply['stopped'])} workers"
-               + (f": {stopped}" if stopped else ""))
+    print(f"stopped {name}-master (pid {master_pid}) and {len(reply['stopped'])} workers"
+          + (f": {stopped}" if stopped else ""))
     for w in reply["killed"]:
         what = "cut mid-task" if w["state"] == "busy" else f"killed while {w['state']}"
-        click.echo(f"{what}: {w['name']} (pid {w['pid']}) did not stop in time", err=True)
+        print(f"{what}: {w['name']} (pid {w['pid']}) did not stop in time", file=sys.stderr)
     return EXIT_FAILED if reply["killed"] else 0
 
 
 def _stop_leftovers(name: str, timeout: float | None) -> int:
+    from . import discovery
+
     leftovers = discovery.find_instance(name)
     if not leftovers:
-        click.echo(f"tprocess {name!r} is not running")
+        print(f"tprocess {name!r} is not running")
         return 0
     stopped, killed = discovery.stop_processes(leftovers, 30.0 if timeout is None else timeout)
-    click.echo(f"stopped {len(leftovers)} leftover processes of {name!r} whose master had died: "
-               + ", ".join(ref.describe() for ref in stopped))
+    print(f"stopped {len(leftovers)} leftover processes of {name!r} whose master had died: "
+          + ", ".join(ref.describe() for ref in stopped))
     for ref in killed:
-        click.echo(f"killed {ref.describe()}: it did not stop in time", err=True)
+        print(f"killed {ref.describe()}: it did not stop in time", file=sys.stderr)
     return EXIT_FAILED if killed else 0
 
 
 # --- status ----------------------------------------------------------------------------
 
 
-@cli.command()
-@click.option("--name", help=f"Instance name (default {DEFAULT_NAME!r}).")
-@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
-              help="Take the name from this config file.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(name: str | None, config_file: str | None, as_json: bool) -> int:
-    """Show the master and each worker; exit 0 if running, 3 if not."""
-    name = _instance_name(name, config_file)
+def status(args: argparse.Namespace) -> int:
+    name = _instance_name(args)
     try:
         _, reply = control.request(name, {"cmd": "status"})
     except control.NotRunning:
-        return _status_not_running(name, as_json)
+        return _status_not_running(name, args.as_json)
     except (OSError, ValueError) as exc:  # includes a time-out: the master did not answer
         raise UserError(f"the master of {name!r} did not answer: {exc or type(exc).__name__}",
                         EXIT_FAILED) from None
     _add_memory(reply)
-    if as_json:
+    if args.as_json:
         import json
 
-        click.echo(json.dumps(reply, indent=2))
+        print(json.dumps(reply, indent=2))
     else:
         from .status_view import render
 
@@ -203,7 +371,7 @@ def status(name: str | None, config_file: str | None, as_json: bool) -> int:
     return 0
 
 
-def _add_memory(reply: dict[str, Any]) -> None:
+def _add_memory(reply: dict) -> None:
     """Each process's resident memory, read with psutil (only `status` imports it)."""
     import psutil
 
@@ -215,22 +383,53 @@ def _add_memory(reply: dict[str, Any]) -> None:
 
 
 def _status_not_running(name: str, as_json: bool) -> int:
+    from . import discovery
+
     leftovers = discovery.find_instance(name)
     if as_json:
         import json
 
-        click.echo(json.dumps({"name": name, "master": None, "leftovers": [
+        print(json.dumps({"name": name, "master": None, "leftovers": [
             {"name": r.title, "pid": r.pid} for r in leftovers]}))
     else:
-        click.echo(f"tprocess {name!r} is not running")
+        print(f"tprocess {name!r} is not running")
         if leftovers:
-            click.echo(f"{len(leftovers)} leftover processes whose master died: "
-                       + ", ".join(r.describe() for r in leftovers)
-                       + "; `tprocess stop` ends them")
+            print(f"{len(leftovers)} leftover processes whose master died: "
+                  + ", ".join(r.describe() for r in leftovers)
+                  + "; `tprocess stop` ends them")
     return EXIT_NOT_RUNNING
 
 
-def _instance_name(name: str | None, config_file: str | None) -> str:
-    if name is None and config_file:
-        name = load_file(config_file).name
-    return check_name(DEFAULT_NAME if name is None else name, "--name")
+# --- logs, reload, scale (in commands.py) ---------------------------------------------
+
+
+def logs(args: argparse.Namespace) -> int:
+    from .client import logs_command
+
+    return logs_command(_instance_name(args), args.config_file, args.lines, args.follow)
+
+
+def reload(args: argparse.Namespace) -> int:
+    from .client import reload_command
+
+    return reload_command(_instance_name(args))
+
+
+def scale(args: argparse.Namespace) -> int:
+    from .client import parse_count, scale_command
+
+    count = parse_count(args.count)  # a malformed COUNT is a usage error before anything is sent
+    return scale_command(_instance_name(args), args.group, count)
+
+
+# name -> (summary, handler); the order of --help
+COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "start": ("Start an instance running TASK (FILE.py:function or module:function), "
+              "or the groups of a config file.", start),
+    "stop": ("Stop an instance: every worker finishes its task, then all exit.", stop),
+    "status": ("Show the master and each worker; exit 0 if running, 3 if not.", status),
+    "logs": ("Print the last lines of an instance's log; -f follows it.", logs),
+    "reload": ("Replace every worker with one running the current code and config, one at a time; "
+               "returns when done.", reload),
+    "scale": ("Set a group's number of workers: COUNT, or +K / -K.", scale),
+}

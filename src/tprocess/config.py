@@ -12,15 +12,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*")
+# the command line's fast-path checks, re-exported: `from tprocess.config import ...` keeps working
+from .checks import (  # noqa: F401
+    DEFAULT_NAME,
+    MAX_NAME_LEN,
+    MAX_TIMEOUT,
+    NAME_RE,
+    ConfigError,
+    _show,
+    check_name,
+    check_seconds,
+)
+
 GROUP_RE = re.compile(r"[A-Za-z0-9_]+")
-MAX_NAME_LEN = 48
 MAX_WORKERS = 4096  # the hard ceiling; max_workers (default 1024) is the working one
 DEFAULT_MAX_WORKERS = 1024
-MAX_TIMEOUT = 7 * 24 * 3600.0
 MIN_MEMORY = 1 << 20
 
-DEFAULT_NAME = "tprocess"
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_MIN_UPTIME = 1.0
 DEFAULT_MAX_FAILURES = 10
@@ -34,14 +42,6 @@ SIZE_UNITS = {
 }
 
 TaskRef = str | Callable[..., Any]
-
-
-class ConfigError(Exception):
-    """A user's configuration mistake: one line, no traceback."""
-
-    def __init__(self, message: str) -> None:
-        # user text (an exception message, a key) may hold line breaks: keep one line
-        super().__init__(message.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 @dataclass
@@ -130,22 +130,6 @@ GROUP_KEYS = {
 }
 
 
-def check_name(name: Any, where: str = "name") -> str:
-    """Validate an instance name, which is also the process title prefix."""
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}: expected a string, got {_show(name)}")
-    if len(name) > MAX_NAME_LEN:
-        raise ConfigError(
-            f"{where}: {_show(name)} is {len(name)} characters; at most {MAX_NAME_LEN} allowed"
-        )
-    if not NAME_RE.fullmatch(name):
-        raise ConfigError(
-            f"{where}: {_show(name)} is not a valid name; use letters, digits, '_', '.' and "
-            "single '-' between them (no spaces, slashes or control characters)"
-        )
-    return name
-
-
 def check_group_name(name: Any, where: str) -> str:
     if not isinstance(name, str) or not GROUP_RE.fullmatch(name) or len(name) > MAX_NAME_LEN:
         raise ConfigError(
@@ -161,19 +145,6 @@ def check_workers(value: Any, where: str) -> int:
     if not 1 <= value <= MAX_WORKERS:
         raise ConfigError(f"{where}: expected 1 to {MAX_WORKERS} workers, got {value}")
     return value
-
-
-def check_seconds(value: Any, where: str, allow_zero: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(f"{where}: expected a number of seconds, got {_show(value)}")
-    low_ok = value >= 0 if allow_zero else value > 0
-    # comparisons, not math.isfinite: they reject NaN and inf, and never overflow on a huge int
-    if not (low_ok and value <= MAX_TIMEOUT):
-        bound = "0" if allow_zero else "more than 0"
-        raise ConfigError(
-            f"{where}: expected {bound} to {int(MAX_TIMEOUT)} seconds, got {_show(value)}"
-        )
-    return float(value)
 
 
 def check_count(value: Any, where: str) -> int:
@@ -208,11 +179,6 @@ def check_ref(value: Any, where: str) -> TaskRef:
             f"{where}: expected 'FILE.py:function' or 'module:function', got {_show(value)}"
         )
     return value
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def validate(config: Config) -> Config:

@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 import re
 import select
-import signal
 import time
-from dataclasses import dataclass
+from collections import namedtuple
 
 
 def marker_name(uid: int, name: str) -> str:
@@ -23,10 +22,14 @@ def marker_name(uid: int, name: str) -> str:
     return f"tprocess:{uid}:{name}"
 
 
-@dataclass(frozen=True)
-class ProcessRef:
-    """A process proven to be ours, identified by pid and kernel start time."""
+class ProcessRef(namedtuple("ProcessRef", "pid start_ticks title")):
+    """A process proven to be ours, identified by pid and kernel start time.
 
+    A named tuple, not a dataclass: `stop` and `status` import this module, and
+    dataclasses (through inspect) would cost them milliseconds.
+    """
+
+    __slots__ = ()
     pid: int
     start_ticks: int
     title: str
@@ -53,8 +56,9 @@ def find_instance(name: str) -> list[ProcessRef]:
         if not entry.isdigit():
             continue
         pid = int(entry)
-        title = _own_title(pid, uid)
-        if title is None or not pattern.fullmatch(title):
+        title = _title(pid)
+        # the owner is checked only for the few processes titled like the instance
+        if title is None or not pattern.fullmatch(title) or not _owned_by(pid, uid):
             continue
         ref = _prove(pid, title, marker)
         if ref is not None:
@@ -62,16 +66,28 @@ def find_instance(name: str) -> list[ProcessRef]:
     return found
 
 
-def _own_title(pid: int, uid: int) -> str | None:
-    """The command line of a process of user uid, as ps shows it; None otherwise."""
-    try:
-        if os.stat(f"/proc/{pid}").st_uid != uid:
-            return None
-        with open(f"/proc/{pid}/cmdline", "rb") as fh:
-            cmdline = fh.read()
+def _title(pid: int) -> str | None:
+    """The command line of a process as ps shows it; None if it is gone or unreadable."""
+    try:  # os.read, not open(): this runs for every process on every `start`, `stop` and `status`
+        fd = os.open(f"/proc/{pid}/cmdline", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+    try:
+        chunks = [os.read(fd, 4096)]
+        while chunks[-1]:
+            chunks.append(os.read(fd, 4096))
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return b"".join(chunks).replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _owned_by(pid: int, uid: int) -> bool:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid == uid
+    except OSError:
+        return False
 
 
 def _prove(pid: int, title: str, marker: str) -> ProcessRef | None:
@@ -130,6 +146,8 @@ def send_signal(ref: ProcessRef, sig: int) -> bool:
     if fd is None:
         return False
     try:
+        import signal  # here: `stop`/`status` that find nothing never need it
+
         signal.pidfd_send_signal(fd, sig)
         return True
     except ProcessLookupError:
@@ -166,6 +184,8 @@ def wait_gone(refs: list[ProcessRef], timeout: float) -> list[ProcessRef]:
 
 def stop_processes(refs: list[ProcessRef], timeout: float) -> tuple[list[ProcessRef], list[ProcessRef]]:
     """SIGTERM, wait up to timeout, SIGKILL the rest. Returns (stopped, killed)."""
+    import signal
+
     for ref in refs:
         send_signal(ref, signal.SIGTERM)
     left = wait_gone(refs, timeout)

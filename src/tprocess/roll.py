@@ -51,6 +51,7 @@ class Roll:
     skip: set[tuple[str, int]] = field(default_factory=set)  # positions a rollback could not bring back
     removed: set[Worker] = field(default_factory=set)  # retired without a replacement
     error: str | None = None
+    before: int = 0  # a scale's group size before it
     rolling_back: bool = False
     began: float = field(default_factory=time.monotonic)
 
@@ -85,7 +86,7 @@ class Roller:
 
     def begin_scale(self, g: Group, count: int, waiter: socket.socket | None, why: str) -> None:
         log.info("scale (%s): group %r from %d to %d workers", why, g.name, g.target, count)
-        roll = Roll("scale", why, waiter, [g.name], self.m.generation)
+        roll = Roll("scale", why, waiter, [g.name], self.m.generation, before=g.target)
         g.target = count
         self._begin(roll)
 
@@ -111,6 +112,7 @@ class Roller:
             if index >= g.target:
                 w = g.members.pop(index)
                 roll.removed.add(w)
+                g.restarts[roll.kind] += 1
                 self._retire(g, w, roll.kind)
         for index in range(g.target):
             if index not in g.members:
@@ -317,6 +319,7 @@ class Roller:
         if roll.kind == "scale" and roll.groups:
             g = self.m.pool.groups.get(roll.groups[0])
             reply["group"] = roll.groups[0]
+            reply["before"] = roll.before
             reply["workers"] = g.target if g else 0
         if roll.error:
             reply.update(error=roll.error, code=1)
