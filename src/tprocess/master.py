@@ -22,13 +22,14 @@ from typing import Any
 
 import setproctitle
 
-from . import control, logs, worker
+from . import control, logs, output, worker
 from .config import Config, ConfigError, GroupConfig, check_seconds
 from .logs import log
 from .slots import BUSY, STARTING, STATE_NAMES, SlotTable
 
 HANDLED_SIGNALS = (
     signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGQUIT, signal.SIGHUP,
+    signal.SIGUSR1,
 )
 PR_SET_CHILD_SUBREAPER = 36
 ADOPTED_GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
@@ -72,6 +73,7 @@ class Master:
         self.by_pid: dict[int, Worker] = {}
         self.slots = SlotTable(config.name, config.total_workers())
         self.selector = selectors.DefaultSelector()
+        self.output = output.OutputCapture(self.selector)  # workers' fd 1 and 2, into the log
         self.pending_signals: list[int] = []
         self.stopping = False
         self.respawns: dict[int, float] = {}  # slot -> when to restart it (backoff)
@@ -132,6 +134,7 @@ class Master:
         control.listen(self.listener)
         self._open_channels()
         self._install_signals()
+        output.prepare_for_workers()
         gc.freeze()  # keep the master's objects out of the workers' copied pages
         log.info("starting %d workers", len(self.workers))
         for w in self.workers:
@@ -199,6 +202,20 @@ class Master:
     def handle_sighup(self) -> None:
         log.info("SIGHUP ignored (use SIGTERM, SIGINT or SIGUSR2 to stop)")
 
+    def handle_sigusr1(self) -> None:
+        """Reopen the log file (logrotate's postrotate): new lines go to a new file."""
+        path = self.config.log_file
+        if not path:
+            log.info("SIGUSR1: no log file to reopen (logging to stderr)")
+            return
+        try:
+            logs.reopen_log_file(os.fspath(path))
+        except OSError as exc:
+            log.error("SIGUSR1: cannot reopen the log file %s: %s; still writing to the old one",
+                      path, exc.strerror)
+            return
+        log.info("reopened the log file %s", path)
+
     def _stop_or_force(self, why: str) -> None:
         if self.stopping:
             log.warning("%s again: stopping now", why)
@@ -214,20 +231,24 @@ class Master:
             title=w.title, group=w.group.name, index=w.index,
             task=w.group.task, setup=w.group.setup, teardown=w.group.teardown,  # type: ignore[arg-type]
             slot=self.slots[w.slot], slot_number=w.slot, report=self.report_w,
-            master_pid=self.pid, title_output=self.detached, report_ready=self.starting,
+            master_pid=self.pid, report_ready=self.starting,
         )
         self.slots[w.slot].state = STARTING  # not the state its predecessor died in
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
         try:
+            spec.output = output.Pipes.open()
             pid = os.fork()
         except OSError as exc:
             _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+            if spec.output is not None:
+                spec.output.close()
             log.error("cannot fork %s: %s; retrying in 1s", w.title, exc.strerror)
             self.respawns[w.slot] = time.monotonic() + 1.0
             return
         if pid == 0:
             worker.run(spec, self._master_only_fds())
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+        self.output.watch(spec.output, w.title, pid)
         w.pid = pid
         w.started_at = time.monotonic()
         self.by_pid[pid] = w
@@ -260,6 +281,7 @@ class Master:
             self.sweep_at = time.monotonic() + SWEEP_DELAY
 
     def on_worker_exit(self, w: Worker, status: int) -> None:
+        self.output.worker_exited(w.pid)  # its last lines go before its exit in the log
         uptime = time.monotonic() - w.started_at
         entry = {"name": w.title, "pid": w.pid, "exit": os.waitstatus_to_exitcode(status)}
         w.pid = 0
@@ -427,6 +449,7 @@ class Master:
         order = {w.title: w.slot for w in self.workers}
         self.report.stopped.sort(key=lambda e: order[e["name"]])
         reply = {"master": self.pid, "stopped": self.report.stopped, "killed": self.report.killed}
+        self.output.close()  # every worker's last lines are in the log before stop returns
         for conn in self.stop_waiters:
             control.reply(conn, reply)
         log.info(

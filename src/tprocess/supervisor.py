@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import control, daemon, discovery, logs
+from . import control, daemon, discovery, logs, output
 from .config import Config, ConfigError, GroupConfig, TaskRef, validate
 from .loader import resolve_config
 
@@ -53,6 +53,9 @@ class Supervisor:
         """Validate and import every task: raises ConfigError before anything runs."""
         validate(self.config)
         resolve_config(self.config)
+        too_low = output.raise_fd_limit(self.config.total_workers())
+        if too_low:
+            raise StartError(too_low)
 
     def run(self, log_level: str = "INFO") -> int:
         """Run in the foreground until stopped; return the master's exit code."""
@@ -84,6 +87,7 @@ class Supervisor:
             from .master import Master
 
             logs.configure(log_level)
+            self.config.log_file = os.path.abspath(log_path)  # what SIGUSR1 reopens
             return Master(self.config, listener, notify_fd, detached=True).run()
 
         message = daemon.detach(run_master, log_fd, inherited)
