@@ -238,7 +238,7 @@ class OutputCapture:
         """Write what an exited worker left in its pipes, before its exit is logged.
         Pipes still held by processes the task started stay open, under its name."""
         for stream in self.by_pid.pop(pid, []):
-            if stream.fd in self.streams:
+            if self.streams.get(stream.fd) is stream:  # not closed (its number may be reused)
                 self._read(stream, DRAIN_READS)
 
     def close(self) -> None:
