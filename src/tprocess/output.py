@@ -200,7 +200,9 @@ class OutputCapture:
         return list(self.streams)
 
     def _on_readable(self, fd: int) -> None:
-        self._read(self.streams[fd], 1)
+        stream = self.streams.get(fd)
+        if stream is not None:  # else closed earlier in this turn of the loop
+            self._read(stream, 1)
 
     def _read(self, stream: _Stream, reads: int) -> bool:
         """Read up to `reads` times; write the complete lines; True once the pipe is closed."""
