@@ -119,8 +119,9 @@ def main() -> None:
             time.sleep(0.15)
         pool.run("stop")
     med = statistics.median
-    print(f"start -d of {args.workers}: {med(starts):.3f} s (returns), {med(readies):.3f} s "
-          f"(all in a task); stop {med(stops):.3f} s; respawn {med(respawns) * 1000:.1f} ms "
+    print(f"start -d of {args.workers}: {med(starts):.3f} s (returns; min {min(starts):.3f}), "
+          f"{med(readies):.3f} s (all in a task); stop {med(stops):.3f} s; "
+          f"respawn {med(respawns) * 1000:.1f} ms "
           f"(min {min(respawns) * 1000:.1f}, max {max(respawns) * 1000:.1f}, n={len(respawns)})")
 
 
