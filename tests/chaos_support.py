@@ -63,6 +63,26 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fds_besides_worker_pipes(pid: int) -> int:
+    """The master's descriptors, less the read ends of its live workers' output pipes
+    (the pipes on a child's fd 1 and 2), which come and go with the workers: whatever
+    else stays open, a pipe of a dead worker included, is counted."""
+    worker_pipes = set()
+    for child in children_of(pid):
+        for fd in (1, 2):
+            try:
+                worker_pipes.add(os.readlink(f"/proc/{child.pid}/fd/{fd}"))
+            except OSError:
+                pass
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}") not in worker_pipes
+        except OSError:
+            pass
+    return count
+
+
 def status_field(pid: int, field: str) -> int:
     """A number from /proc/PID/status (VmRSS in KiB, Threads ...)."""
     with open(f"/proc/{pid}/status") as fh:

@@ -19,7 +19,7 @@ import pytest
 from chaos_support import (
     alive,
     assert_zombies_reaped,
-    fd_count,
+    fds_besides_worker_pipes,
     live_workers,
     log_has_no_traceback,
     read_records,
@@ -172,11 +172,12 @@ def _deaths(inst) -> int:
 
 
 def _sample(pid: int) -> dict[str, int]:
-    """The master's fds (the least of 20 reads: it opens /proc files for a moment
-    now and then), threads (the most) and RSS (the least)."""
+    """The master's fds besides its live workers' output pipes (the least of 20 reads:
+    it opens /proc files and forks workers now and then), threads (the most) and RSS (the least)."""
     reads = []
     for _ in range(20):
-        reads.append((fd_count(pid), status_field(pid, "Threads"), status_field(pid, "VmRSS")))
+        fds = fds_besides_worker_pipes(pid)
+        reads.append((fds, status_field(pid, "Threads"), status_field(pid, "VmRSS")))
         time.sleep(0.005)
     return {"fds": min(r[0] for r in reads), "threads": max(r[1] for r in reads),
             "rss_kib": min(r[2] for r in reads)}

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import sys
-import time
 from collections import deque
 
 log = logging.getLogger("tprocess")
@@ -74,43 +72,51 @@ def configure(level: str = "INFO", stream=None) -> None:
     log.propagate = False
 
 
-class TitledStream(io.TextIOBase):
-    """A worker's sys.stdout/sys.stderr in a daemon: each printed line carries the
-    same time, title[pid] and a level of OUT or ERR as the log's own lines."""
-
-    def __init__(self, fd: int, label: str) -> None:
-        self._fd = fd
-        self._label = label
-        self._partial = ""
-
-    def writable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def write(self, text: str) -> int:
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        if lines:
-            self._emit(lines)
-        return len(text)
-
-    def flush(self) -> None:
-        if self._partial:
-            self._emit([self._partial])
-            self._partial = ""
-
-    def _emit(self, lines: list[str]) -> None:
-        now = time.time()
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
-        head = f"{stamp} {_title}[{os.getpid()}] {self._label} "
-        os.write(self._fd, "".join(head + line + "\n" for line in lines).encode(errors="replace"))
+def write_raw(text: str) -> None:
+    """Write lines already in the log's format (workers' output) where the log goes."""
+    for handler in log.handlers:
+        stream = getattr(handler, "stream", None)
+        if stream is None:
+            continue
+        try:
+            stream.write(text)
+            stream.flush()
+        except (OSError, ValueError):  # a closed terminal or pipe must not stop the master
+            pass
 
 
-def title_output() -> None:
-    """Make what a task prints to stdout/stderr name its process (used in daemons)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    sys.stdout = TitledStream(1, "OUT")
-    sys.stderr = TitledStream(2, "ERR")
+def reopen_log_file(path: str) -> list[int]:
+    """Open the log file again (after logrotate renamed it) and put the new file on every
+    descriptor of this process that was the old one (in a daemon: 1, 2 and the handler's).
+    Returns those descriptors; raises OSError if the file cannot be opened."""
+    old = _log_fds()
+    for handler in log.handlers:
+        handler.flush()
+    new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    try:
+        for fd in old:
+            os.dup2(new, fd, inheritable=fd <= 2)
+    finally:
+        os.close(new)
+    return old
+
+
+def _log_fds() -> list[int]:
+    """The handler's descriptor, and stdout/stderr if they are the same file."""
+    fds = []
+    for handler in log.handlers:
+        try:
+            fds.append(handler.stream.fileno())  # type: ignore[attr-defined]
+        except (AttributeError, OSError, ValueError):
+            continue
+    files = {_identity(fd) for fd in fds} - {None}
+    fds += [fd for fd in (1, 2) if fd not in fds and _identity(fd) in files]
+    return sorted(set(fds))
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)

@@ -24,7 +24,7 @@ from typing import Any
 
 import setproctitle
 
-from . import auxiliary, control, logs, notify, worker
+from . import auxiliary, control, logs, notify, output, worker
 from .commands import Commands, StopReport
 from .config import Config, GroupConfig
 from .guards import Guards
@@ -36,7 +36,7 @@ from .timers import Timer, Timers
 
 HANDLED_SIGNALS = (
     signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2, signal.SIGQUIT, signal.SIGHUP,
-    signal.SIGTTIN, signal.SIGTTOU,
+    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
 )
 PR_SET_CHILD_SUBREAPER = 36
 ADOPTED_GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
@@ -59,6 +59,7 @@ class Master:
         self.slots = SlotTable(config.name, config.total_workers())
         self.pool = Pool(self.slots)
         self.selector = selectors.DefaultSelector()
+        self.output = output.OutputCapture(self.selector)  # workers' fd 1 and 2, into the log
         self.pending_signals: list[int] = []
         self.stopping = False
         self.starting = True
@@ -134,6 +135,7 @@ class Master:
         control.listen(self.listener)
         self._open_channels()
         self._install_signals()
+        output.prepare_for_workers()
         gc.freeze()  # keep the master's objects out of the workers' copied pages
         log.info("starting %d workers", len(self.awaiting))
         for w in list(self.pool.all_workers()):
@@ -214,6 +216,20 @@ class Master:
     def handle_sighup(self) -> None:
         self.commands.reload(None, "SIGHUP")
 
+    def handle_sigusr1(self) -> None:
+        """Reopen the log file (logrotate's postrotate): new lines go to a new file."""
+        path = self.log_path
+        if not path:
+            log.info("SIGUSR1: no log file to reopen (logging to stderr)")
+            return
+        try:
+            logs.reopen_log_file(os.fspath(path))
+        except OSError as exc:
+            log.error("SIGUSR1: cannot reopen the log file %s: %s; still writing to the old one",
+                      path, exc.strerror)
+            return
+        log.info("reopened the log file %s", path)
+
     def handle_sigttin(self) -> None:
         self.commands.scale_by_signal(+1)
 
@@ -237,16 +253,19 @@ class Master:
         spec = worker.WorkerSpec(
             title=w.title, group=w.group, index=w.index,
             task=group.task, setup=group.setup, teardown=group.teardown,  # type: ignore[arg-type]
-            slot=slot, report=self.report_w, master_pid=self.pid, title_output=self.detached,
+            slot=slot, report=self.report_w, master_pid=self.pid,
             max_tasks=group.max_tasks or 0, max_memory=int(group.max_memory or 0),
             histogram=bool(getattr(self.config, "metrics", None)),
         )
         slot.prepare_spawn()  # not the state its predecessor died in
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
         try:
+            spec.output = output.Pipes.open()
             pid = os.fork()
         except OSError as exc:
             _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+            if spec.output is not None:
+                spec.output.close()
             log.error("cannot fork %s: %s; retrying in 1s", w.title, exc.strerror)
             w.move(Phase.BACKOFF)
             w.timer = self.timers.call_later(1.0, self._restart, w)
@@ -254,6 +273,7 @@ class Master:
         if pid == 0:
             worker.run(spec, self._master_only_fds())
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+        self.output.watch(spec.output, w.title, pid)
         w.move(Phase.STARTING)
         w.pid = pid
         w.started_at = time.monotonic()
@@ -297,6 +317,7 @@ class Master:
             self._schedule_sweep()
 
     def on_worker_exit(self, w: Worker, status: int) -> None:
+        self.output.worker_exited(w.pid)  # its last lines go before its exit in the log
         uptime = time.monotonic() - w.started_at
         code = os.waitstatus_to_exitcode(status)
         reason = self._exit_reason(w, status)
@@ -566,6 +587,7 @@ class Master:
             self._notify(f"error {self.start_error}")
         else:
             self._notify("error the instance was stopped during start-up")
+        self.output.close()  # every worker's last lines are in the log before stop returns
         self.commands.answer_stop_waiters()
         log.info(
             "stopped: %d workers exited, %d killed", len(self.report.stopped), len(self.report.killed)

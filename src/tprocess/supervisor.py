@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from . import control, daemon, discovery, listen, logs
+from . import control, daemon, discovery, listen, logs, output
 from .config import Config, ConfigError, GroupConfig, TaskRef, validate
 from .loader import resolve_config
 
@@ -55,6 +55,9 @@ class Supervisor:
         if self.config.metrics is not None:
             listen.check_installed()
         resolve_config(self.config)
+        too_low = output.raise_fd_limit(self.config.total_workers())
+        if too_low:
+            raise StartError(too_low)
 
     def run(self, log_level: str = "INFO") -> int:
         """Run in the foreground until stopped; return the master's exit code."""

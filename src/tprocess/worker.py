@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import setproctitle
 
-from . import logs
+from . import logs, output
 from .slots import (
     BUCKETS,
     BUSY,
@@ -50,7 +50,7 @@ EXIT_SETUP_FAILED = 3  # setup(ctx) raised
 EXIT_TEARDOWN_FAILED = 4  # teardown(ctx) raised
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)  # meant for the master
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # meant for the master
 PR_SET_PDEATHSIG = 1
 MAX_ERROR_DELAY = 5.0
 MEMORY_CHECK_NS = 1_000_000_000  # how often (at most) a worker with max_memory reads its RSS
@@ -70,6 +70,7 @@ class Context:
         self._slot = slot
         self._wake_fd = wake_fd
         self._poll: select.poll | None = None  # made on first sleep, off the start-up path
+        self._master_pid = 0  # set after fork: tells a stop of the master's death apart
 
     def sleep(self, seconds: float) -> bool:
         """Sleep, but return False at once when a stop is asked; True after a full sleep."""
@@ -96,6 +97,8 @@ class Context:
 
     def _request_stop(self, signum: int = 0, frame: Any = None) -> None:
         self.stopping = True
+        if self._master_pid and os.getppid() != self._master_pid:
+            output.silence()  # the master died: nobody reads our output pipes any more
 
 
 @dataclass
@@ -111,7 +114,7 @@ class WorkerSpec:
     slot: Slot
     report: socket.socket
     master_pid: int
-    title_output: bool = False  # a daemon: stdout and stderr are the log file
+    output: output.Pipes | None = None  # their write ends become fd 1 and 2
     max_tasks: int = 0  # recycle after this many tasks (0: never)
     max_memory: int = 0  # recycle once the RSS is past this many bytes (0: never)
     histogram: bool = False  # count task durations (metrics are on)
@@ -132,12 +135,13 @@ def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
 def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
     setproctitle.setproctitle(spec.title)  # first: until then the child is titled as the master
     logs.set_title(spec.title)
-    if spec.title_output:
-        logs.title_output()
+    if spec.output is not None:
+        output.become_writer(spec.output)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    for fd in master_fds:
-        _close(fd)
+    _close_fds(master_fds)
+    output.restore_fd_limit()
     ctx = Context(spec.title, spec.group, spec.index, spec.slot, wake_r)
+    ctx._master_pid = spec.master_pid
     # _signal is the C module behind `signal`: its wrappers' enum conversions touch
     # enough of the master's memory to add ~0.3 ms of copy-on-write faults per respawn
     for sig in STOP_SIGNALS:
@@ -146,11 +150,15 @@ def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
         _signal.signal(sig, _signal.SIG_IGN)
     _signal.signal(signal.SIGCHLD, _signal.SIG_DFL)
     _signal.signal(signal.SIGQUIT, _signal.SIG_DFL)
+    # SIGUSR1 reopens the master's log: a stray one (a rotation script signalling every
+    # process of the instance) must not kill a worker. A no-op handler rather than
+    # SIG_IGN, so that programs a task execs get the default action back.
+    _signal.signal(signal.SIGUSR1, _ignore_signal)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     _ask_for_death_signal()
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())  # the master blocked all around fork
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
-        ctx.stopping = True
+        ctx._request_stop()
     spec.slot.state = STARTING
     return ctx
 
@@ -319,6 +327,21 @@ def _terminate_own_children() -> None:
             os.kill(child, signal.SIGTERM)
         except OSError:
             pass
+
+
+def _ignore_signal(signum: int, frame: Any) -> None:
+    pass
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    """Close the master's descriptors by runs of consecutive numbers (one close_range
+    call per run): a master holds two pipe ends per worker, and most are neighbours."""
+    ordered = sorted(set(fds))
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+            os.closerange(ordered[start], ordered[i - 1] + 1)
+            start = i
 
 
 def _drain(fd: int) -> None:
