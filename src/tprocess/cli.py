@@ -1,4 +1,4 @@
-"""The `tprocess` command: start, stop, status.
+"""The `tprocess` command: start, stop, status, top.
 
 Exit codes: 0 success; 1 a command failed at run time (start-up failed, stop had
 to kill a worker mid-task); 2 a usage or configuration mistake; 3 `status` of an
@@ -224,6 +224,21 @@ def _status_not_running(name: str, as_json: bool) -> int:
                        + ", ".join(r.describe() for r in leftovers)
                        + "; `tprocess stop` ends them")
     return EXIT_NOT_RUNNING
+
+
+# --- top -------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--name", help=f"Instance name (default {DEFAULT_NAME!r}).")
+@click.option("-c", "--config", "config_file", type=click.Path(dir_okay=False),
+              help="Take the name from this config file.")
+@click.option("--interval", type=float, default=1.0, show_default=True, help="Seconds between samples.")
+def top(name: str | None, config_file: str | None, interval: float) -> int:
+    """A live view of the instance; q or Ctrl-C quits."""
+    from .top_view import run
+
+    return run(_instance_name(name, config_file), interval)
 
 
 def _instance_name(name: str | None, config_file: str | None) -> str:
