@@ -265,3 +265,29 @@ def test_status_table_of_2000_workers_is_fast():
     assert all(not line.endswith(" ") for line in lines)
     assert took < 1.0, took  # about 0.1 s here; generous for a loaded machine
     json.dumps(status)  # the synthetic dict is what a master would send
+
+
+@pytest.mark.timeout(60)
+def test_top_to_a_pipe_prints_samples_until_sigint(inst):
+    inst.write("jobs.py", SLEEPER)
+    inst.start("jobs.py:work", "-n", "2")
+    proc = subprocess.Popen([TPROCESS, "top", "--name", inst.name, "--interval", "0.2"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out = bytearray()
+
+        def samples(count: int):
+            def enough() -> bool:
+                if select.select([proc.stdout], [], [], 0.05)[0]:
+                    out.extend(os.read(proc.stdout.fileno(), 65536))
+                return out.count(f"{inst.name}-master".encode()) >= count
+            return enough
+        wait_for(samples(2), 20, interval=0.0, what="two samples of top in the pipe")
+        assert f"{inst.name}-1".encode() in out and b"\x1b[" not in out, "a pipe gets plain text"
+        os.kill(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+        assert proc.stderr.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()

@@ -22,7 +22,7 @@ import termios
 import time
 import tty
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +50,8 @@ SPARK_WIDTH = 30  # characters of sparkline; older samples are averaged together
 LOG_LINES = 8
 MIN_INTERVAL = 0.1  # a faster poll would cost the master more than it shows
 STATE_ORDER = ("busy", "idle", "starting", "stopping", "backoff", "failed", "stopped")
+BATCH_WIDTH = 200  # output to a pipe or a file: wide enough that nothing is cut
+UNLIMITED = 10**9  # lines: a pipe or a file shows every worker
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -419,9 +421,13 @@ def run(name: str, interval: float = 1.0) -> int:
     console = Console()
     with _quit_signals() as wakeup, _cbreak(sys.stdin) as keys:
         try:
-            with Live(console=console, screen=True, auto_refresh=False, redirect_stdout=False,
-                      redirect_stderr=False, get_renderable=lambda: render(model, *console.size)) as live:
-                _loop(model, live, wakeup, keys)
+            if console.is_terminal:
+                with Live(console=console, screen=True, auto_refresh=False, redirect_stdout=False,
+                          redirect_stderr=False, get_renderable=lambda: render(model, *console.size)) as live:
+                    _loop(model, live.refresh, wakeup, keys)
+            else:  # a pipe or a file: every sample in full, one after the other, like `top -b`
+                console = Console(width=BATCH_WIDTH)
+                _loop(model, lambda: _print_frame(console, model), wakeup, keys)
         except Stopped as exc:
             console.print(str(exc), highlight=False, markup=False)
     return 0
@@ -432,19 +438,24 @@ def poll(name: str, interval: float) -> tuple[int, dict[str, Any]]:
     return control.request(name, {"cmd": "status", "log_lines": LOG_LINES}, timeout=max(2.0, interval))
 
 
-def _loop(model: TopModel, live: Live, wakeup: int, keys: int | None) -> None:
-    live.refresh()
+def _print_frame(console: Console, model: TopModel) -> None:
+    console.print(render(model, BATCH_WIDTH, UNLIMITED))
+    console.print()
+
+
+def _loop(model: TopModel, draw: Callable[[], None], wakeup: int, keys: int | None) -> None:
+    draw()
     next_poll = time.monotonic() + model.interval
     while True:
         event = _wait(wakeup, keys, next_poll - time.monotonic())
         if event == "quit":
             return
         if event == "redraw":
-            live.refresh()
+            draw()
             continue
         if time.monotonic() >= next_poll:
             _sample(model)
-            live.refresh()
+            draw()
             next_poll = max(next_poll + model.interval, time.monotonic() + model.interval / 2)
 
 
