@@ -291,3 +291,24 @@ def test_top_to_a_pipe_prints_samples_until_sigint(inst):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+def last_frame(output: bytes) -> list[str]:
+    """The lines of the last whole screen drawn (each redraw starts at the home position)."""
+    frames = output.split(b"\x1b[H")
+    complete = [f for f in frames if b"more workers" in f]
+    return complete[-1].decode(errors="replace").split("\n") if complete else []
+
+
+@pytest.mark.timeout(90)
+def test_top_of_500_workers_fits_the_terminal(inst, top_of):
+    inst.write("jobs.py", SLEEPER)
+    inst.start("jobs.py:work", "-n", "500", timeout=60)
+    top = top_of("--interval", "0.5")
+    out = top.read_until(lambda out: b"more workers" in out, 30, what="the '... and K more' line")
+    frame = last_frame(out)
+    assert 10 < len(frame) <= LINES, frame
+    assert any(line.startswith(f"{inst.name}-") for line in frame)
+    os.write(top.master_fd, b"q")
+    assert top.wait_exit() == 0
+    assert inst.stop(timeout=60).returncode == 0
