@@ -206,6 +206,17 @@ def test_render_of_500_workers_fits_the_terminal_busiest_first():
     assert "log line 19" in "\n".join(lines) and "crash 4, reload 1" in "\n".join(lines)
 
 
+def test_log_lines_cannot_drive_the_terminal():
+    model = top_view.TopModel("big", 1.0)
+    status = synthetic_status(3)
+    status["log_tail"] = ["plain", "red \x1b[31mtext\x1b[0m and a bell \x07", ["not", "a string"]]
+    model.update(os.getpid(), status, time.monotonic())
+    console = Console(file=io.StringIO(), width=100, height=30, force_terminal=True)
+    console.print(top_view.render(model, 100, 30))
+    out = console.file.getvalue()
+    assert "\x1b[31m" not in out and "\x07" not in out and "red ?[31mtext" in out
+
+
 def test_render_fits_small_terminals_and_never_crashes_on_missing_fields():
     model = top_view.TopModel("bare", 1.0)
     bare = {"master": {"pid": 1}, "workers": [{"name": "bare-0"}, {"pid": None}, {}]}

@@ -52,6 +52,8 @@ MIN_INTERVAL = 0.1  # a faster poll would cost the master more than it shows
 STATE_ORDER = ("busy", "idle", "starting", "stopping", "backoff", "failed", "stopped")
 BATCH_WIDTH = 200  # output to a pipe or a file: wide enough that nothing is cut
 UNLIMITED = 10**9  # lines: a pipe or a file shows every worker
+# a task's output in the log may hold escape sequences: never let them drive the terminal
+CONTROL_CHARS = {c: "?" for c in [*range(0x20), 0x7F] if c != 0x09} | {0x09: " "}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -141,7 +143,7 @@ class RateTracker:
 
     def _deltas(self, status: dict[str, Any]) -> dict[str, int]:
         groups = status.get("groups")
-        if groups and all(isinstance(g.get("tasks"), int) for g in groups):
+        if groups and all(isinstance(g, dict) and isinstance(g.get("tasks"), int) for g in groups):
             return self._group_deltas(groups)
         return self._worker_deltas(status.get("workers") or [])
 
@@ -243,8 +245,8 @@ class TopModel:
 def render(model: TopModel, width: int, height: int) -> RenderableType:
     """The whole screen, never taller than `height` lines: every row is one line (no_wrap)."""
     status = model.status
-    header = _header(model)
     groups = group_summaries(status)
+    header = _header(model, groups)
     log_tail = status.get("log_tail")
     parts: list[RenderableType] = [*header, Text("")]
     used = len(header) + 1
@@ -263,10 +265,8 @@ def render(model: TopModel, width: int, height: int) -> RenderableType:
     return Group(*parts)
 
 
-def _header(model: TopModel) -> list[Text]:
+def _header(model: TopModel, groups: list[dict[str, Any]]) -> list[Text]:
     status, master = model.status, model.status.get("master") or {}
-    workers = status.get("workers") or []
-    groups = group_summaries(status)
     running = sum(g["running"] for g in groups)
     target = sum(g["workers"] for g in groups)
     known = [r for r in model.last_rates.values() if r is not None]
@@ -279,7 +279,7 @@ def _header(model: TopModel) -> list[Text]:
     line1.append(f"  up {_uptime(master.get('uptime'))}  generation {master.get('generation', '-')}"
                  f"  cpu {_percent(cpu)}  rss {format_bytes(rss)}")
     line2 = Text(no_wrap=True, overflow="ellipsis")
-    line2.append(f"workers {running}/{target} running ({len(workers)} slots)  ")
+    line2.append(f"workers {running}/{target} running  ")
     line2.append(f"{total} tasks/s", style="bold")
     line2.append(f"  every {model.interval:g}s  q or Ctrl-C quits", style="dim")
     lines = [line1, line2]
@@ -357,14 +357,15 @@ def pick_workers(workers: list[dict[str, Any]], proc: dict[int, tuple[float | No
 
 def _log_lines_that_fit(log_tail: list[str] | None, free: int) -> list[str]:
     """Up to LOG_LINES of the tail, fewer when the screen is short (workers need rows too)."""
-    if not log_tail:
+    if not isinstance(log_tail, list) or not log_tail:
         return []
     room = min(LOG_LINES, len(log_tail), max(0, free - 2 - 4))  # borders, and 4 lines of workers
     return log_tail[-room:] if room else []
 
 
 def _log_panel(lines: list[str], width: int) -> Panel:
-    text = Text("\n".join(line.rstrip("\n") for line in lines), no_wrap=True, overflow="ellipsis")
+    text = Text("\n".join(str(line).rstrip("\n").translate(CONTROL_CHARS) for line in lines),
+                no_wrap=True, overflow="ellipsis")
     return Panel(text, title="log", title_align="left", box=box.SQUARE, padding=(0, 1), width=width)
 
 
@@ -484,7 +485,10 @@ def _wait(wakeup: int, keys: int | None, timeout: float) -> str | None:
     if wakeup in readable:
         os.read(wakeup, 512)
     if keys is not None and keys in readable:
-        data = os.read(keys, 512)
+        try:
+            data = os.read(keys, 512)
+        except OSError:  # EIO: the terminal hung up
+            return "quit"
         if not data or b"q" in data or b"Q" in data:  # EOF: the terminal is gone
             return "quit"
     signals, _received[:] = list(_received), []
@@ -531,7 +535,10 @@ def _cbreak(stream: Any) -> Iterator[int | None]:
     try:
         yield fd
     finally:
-        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        try:
+            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        except termios.error:
+            pass  # the terminal is gone: nothing left to restore
 
 
 def _error(message: str, code: int) -> int:
