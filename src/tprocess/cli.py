@@ -1,4 +1,4 @@
-"""The `tprocess` command: start, stop, status, logs, reload, scale.
+"""The `tprocess` command: start, stop, status, top, logs, reload, scale.
 
 Exit codes: 0 success; 1 a command failed at run time (start-up failed, stop had
 to kill a worker mid-task, the instance is not running for logs/reload/scale, a
@@ -174,6 +174,9 @@ def add_options(command: str, parser: argparse.ArgumentParser) -> dict[str, str]
                    help="seconds workers may take to finish (default: each group's graceful_timeout)")
     elif command == "status":
         args.switch("--json", dest="as_json", help="print JSON instead of a table")
+    elif command == "top":
+        args.value("--interval", type=float, default=1.0, metavar="S",
+                   help="seconds between samples (default 1)")
     elif command == "logs":
         args.value("-n", "--lines", type=_integer(low=0), default=20, metavar="LINES",
                    help="how many of the last lines to print (default 20)")
@@ -403,6 +406,12 @@ def _status_not_running(name: str, as_json: bool) -> int:
 # --- logs, reload, scale (in commands.py) ---------------------------------------------
 
 
+def top(args: argparse.Namespace) -> int:
+    from .top_view import run
+
+    return run(_instance_name(args), args.interval)
+
+
 def logs(args: argparse.Namespace) -> int:
     from .client import logs_command
 
@@ -428,6 +437,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
               "or the groups of a config file.", start),
     "stop": ("Stop an instance: every worker finishes its task, then all exit.", stop),
     "status": ("Show the master and each worker; exit 0 if running, 3 if not.", status),
+    "top": ("A live view of an instance's workers, groups and log; q or Ctrl-C quits.", top),
     "logs": ("Print the last lines of an instance's log; -f follows it.", logs),
     "reload": ("Replace every worker with one running the current code and config, one at a time; "
                "returns when done.", reload),
