@@ -1,0 +1,102 @@
+"""The control socket under hostile clients: garbled, oversized, half-sent, slowly sent
+requests, silent connections. The master never crashes or stalls, the pool is untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import pytest
+from e2e_support import status_json
+from helpers import wait_for
+
+from tprocess import control
+
+
+def connect(inst) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(control.address(inst.name))
+    return sock
+
+
+def answer(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture
+def pool(inst):
+    inst.write("jobs.py", "def work(ctx):\n    ctx.sleep(3600)\n")
+    inst.start("jobs.py:work", "-n", "2")
+    return inst.wait_workers(2)
+
+
+@pytest.mark.timeout(60)
+def test_garbled_and_unknown_requests_get_an_error_answer(inst, pool):
+    for request in (b"hello\n", b"[1, 2]\n", b'{"cmd": 7}\n', b'{"cmd": "explode"}\n', b"\xff\xfe\n"):
+        with connect(inst) as sock:
+            sock.sendall(request)
+            reply = json.loads(answer(sock))
+        assert "unknown request" in reply["error"] and reply["code"] == 2, (request, reply)
+    assert inst.wait_workers(2) == pool
+    assert status_json(inst)["master"]["state"] == "running"
+    assert inst.stop().returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_oversized_half_sent_and_slow_requests(inst, pool):
+    with connect(inst) as sock:  # 64 KiB without a newline: dropped, not buffered forever
+        try:
+            sock.sendall(b"x" * 65536)
+            dropped = answer(sock) == b""
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+        assert dropped
+    with connect(inst) as sock:  # half a request, then gone
+        sock.sendall(b'{"cmd": "sta')
+    with connect(inst) as sock:  # a request sent a few bytes at a time still gets its answer
+        for piece in (b'{"cmd"', b': "sta', b'tus"}', b"\n"):
+            sock.sendall(piece)
+            time.sleep(0.05)
+        assert json.loads(answer(sock))["master"]["pid"] == inst.master().pid
+    bad_scale = b'{"cmd": "scale", "group": null, "count": {"a": 1}}\n'
+    with connect(inst) as sock:  # a well-formed request with nonsense in it
+        sock.sendall(bad_scale)
+        assert json.loads(answer(sock))["code"] == 2
+    assert inst.wait_workers(2) == pool
+    assert inst.stop().returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_silent_clients_neither_block_the_master_nor_pile_up(inst, pool):
+    silent = [connect(inst) for _ in range(100)]  # more than the master keeps waiting
+    try:
+        began = time.monotonic()
+        status = status_json(inst)  # answered while 100 connections say nothing
+        assert time.monotonic() - began < 5
+        assert status["master"]["state"] == "running"
+        # the oldest were dropped to make room; the rest are dropped after the request timeout
+        assert wait_for(lambda: all(_closed(s) for s in silent), control.REQUEST_TIMEOUT + 10,
+                        what="the silent connections to be dropped")
+    finally:
+        for sock in silent:
+            sock.close()
+    fds = len(os.listdir(f"/proc/{inst.master().pid}/fd"))
+    assert fds < 40, fds
+    assert inst.wait_workers(2) == pool
+    assert inst.stop().returncode == 0
+
+
+def _closed(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
