@@ -148,6 +148,7 @@ class Server:
         self.handlers = handlers
         self.call_later = call_later
         self.pending: dict[socket.socket, bytes] = {}  # requests still arriving, oldest first
+        self.expiry: dict[socket.socket, Any] = {}  # their time-outs, cancelled once answered
         selector.register(listener, selectors.EVENT_READ, self._on_accept)
 
     def _on_accept(self, listener: socket.socket) -> None:
@@ -163,16 +164,21 @@ class Server:
         conn.setblocking(False)
         self.pending[conn] = b""
         self.selector.register(conn, selectors.EVENT_READ, self._on_readable)
-        self.call_later(REQUEST_TIMEOUT, self._expire, conn)
+        self.expiry[conn] = self.call_later(REQUEST_TIMEOUT, self._expire, conn)
 
     def _expire(self, conn: socket.socket) -> None:
         if conn in self.pending:
             self._drop(conn)
 
     def _drop(self, conn: socket.socket) -> None:
-        del self.pending[conn]
-        self.selector.unregister(conn)
+        self._forget(conn)
         conn.close()
+
+    def _forget(self, conn: socket.socket) -> None:
+        """No longer waiting for this request: an idle master must not wake for its time-out."""
+        del self.pending[conn]
+        self.expiry.pop(conn).cancel()
+        self.selector.unregister(conn)
 
     def _on_readable(self, conn: socket.socket) -> None:
         try:
@@ -188,8 +194,7 @@ class Server:
         if b"\n" not in buffered:
             self.pending[conn] = buffered
             return
-        del self.pending[conn]
-        self.selector.unregister(conn)
+        self._forget(conn)
         self._dispatch(conn, buffered.split(b"\n", 1)[0])
 
     def _dispatch(self, conn: socket.socket, line: bytes) -> None:
