@@ -43,6 +43,29 @@ def busy(ctx):
 '''
 
 
+# A task file's preamble: record(*words) appends one line to records.txt beside the file.
+WORD_RECORDS = '''
+import os
+import time
+
+RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records.txt")
+
+
+def record(*words):
+    fd = os.open(RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (" ".join(map(str, words)) + "\\n").encode())
+    finally:
+        os.close(fd)
+'''
+
+
+def word_records(inst: Instance) -> list[list[str]]:
+    """The lines of records.txt (see WORD_RECORDS), split into words."""
+    path = inst.dir / "records.txt"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
 def record_task(inst: Instance, seconds: float, filename: str = "jobs.py",
                 extra: str = "") -> Path:
     """Write FILE.py with busy(ctx) (start record, time.sleep, end record) + extra code."""

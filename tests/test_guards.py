@@ -8,7 +8,7 @@ import re
 import signal
 
 import pytest
-from e2e_support import status_json
+from e2e_support import WORD_RECORDS, status_json, word_records
 from helpers import wait_for
 
 CONFIG = '''
@@ -20,31 +20,13 @@ workers = {workers}
 {options}
 '''
 
-RECORDING = '''
-import os
-import time
-
-RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records.txt")
-
-
-def record(*words):
-    fd = os.open(RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (" ".join(map(str, words)) + "\\n").encode())
-    finally:
-        os.close(fd)
-'''
-
-
 def start(inst, code, options, workers=1):
-    inst.write("jobs.py", RECORDING + code)
+    inst.write("jobs.py", WORD_RECORDS + code)
     inst.write("tprocess.toml", CONFIG.format(name=inst.name, workers=workers, options=options))
     inst.start("-c", "tprocess.toml")
 
 
-def records(inst):
-    path = inst.dir / "records.txt"
-    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+records = word_records
 
 
 def worker_status(inst, title):
@@ -93,7 +75,7 @@ def work(ctx):
 
 @pytest.mark.timeout(60)
 def test_a_setup_that_hangs_is_killed_and_counts_as_a_failure(inst):
-    inst.write("jobs.py", RECORDING + '''
+    inst.write("jobs.py", WORD_RECORDS + '''
 def setup(ctx):
     record("setup", os.getpid())
     if len(open(RECORDS).read().splitlines()) > 1:

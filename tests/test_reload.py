@@ -10,25 +10,12 @@ import threading
 import time
 
 import pytest
-from e2e_support import status_json
+from e2e_support import WORD_RECORDS, status_json, word_records
 from helpers import TPROCESS, instance_procs, wait_for, workers_of
 
 # The task imports a module of the user's own (lib.py): a reload must load both afresh.
-JOBS = '''
-import os
-import time
-
+JOBS = WORD_RECORDS + '''
 import lib
-
-RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records.txt")
-
-
-def record(*words):
-    fd = os.open(RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (" ".join(map(str, words)) + "\\n").encode())
-    finally:
-        os.close(fd)
 
 
 def setup(ctx):
@@ -69,9 +56,7 @@ def write_code(inst, version, seconds=0.3, pause=0.0, setup_body="pass"):
     inst.write("lib.py", LIB.format(version=version, seconds=seconds, pause=pause, setup_body=setup_body))
 
 
-def records(inst):
-    path = inst.dir / "records.txt"
-    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+records = word_records
 
 
 def open_tasks(inst):

@@ -208,14 +208,20 @@ def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:
         except SystemExit as exc:
             return _exit_code(exc)
         except BaseException:  # noqa: BLE001 - a failing task must not end the worker
-            words[errors_word] += 1
-            errors_in_row += 1
-            logs.log.exception("task of %s raised", ctx.name)
-            ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
+            errors_in_row = _task_failed(ctx, words, errors_word, errors_in_row)
             continue
         words[tasks_word] += 1
         errors_in_row = 0
     return EXIT_OK
+
+
+def _task_failed(ctx: Context, words: memoryview, errors_word: int, errors_in_row: int) -> int:
+    """Count and log a task's exception, then pause, longer each time in a row; the new count."""
+    words[errors_word] += 1
+    errors_in_row += 1
+    logs.log.exception("task of %s raised", ctx.name)
+    ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
+    return errors_in_row
 
 
 def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
@@ -239,10 +245,7 @@ def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
         except SystemExit as exc:
             return _exit_code(exc)
         except BaseException:  # noqa: BLE001 - a failing task must not end the worker
-            words[errors_word] += 1
-            errors_in_row += 1
-            logs.log.exception("task of %s raised", ctx.name)
-            ctx.sleep(min(0.05 * 2 ** (errors_in_row - 1), MAX_ERROR_DELAY))
+            errors_in_row = _task_failed(ctx, words, errors_word, errors_in_row)
         ended = clock()
         if histogram:
             _count_duration(words, base, ended - began)
