@@ -122,6 +122,33 @@ def test_endpoint_counts_tasks_states_and_uptime_and_the_process_lives_and_dies_
 
 
 @pytest.mark.timeout(60)
+def test_durations_and_restarts_by_reason_come_from_the_real_master(inst):
+    inst.write("jobs.py", "import time\n\ndef work(ctx):\n    time.sleep(0.002)\n")
+    port = free_port()
+    inst.write("tprocess.toml", f'name = "{inst.name}"\nmin_uptime = 0\nmetrics = {port}\n'
+                                '[groups.ip]\ntask = "jobs.py:work"\nworkers = 2\nmax_tasks = 500\n')
+    master = start(inst, "-c", "tprocess.toml")
+    victim = next(p for p in process_table() if p.ppid == master and p.title == f"{inst.name}-ip-0")
+    os.kill(victim.pid, signal.SIGKILL)
+    labels = {"instance": inst.name, "group": "ip"}
+
+    def recycled() -> dict | None:
+        samples = scrape_when_up(port)
+        done = value(samples, "tprocess_restarts_total", reason="max_tasks", **labels)
+        return samples if done and done >= 2 else None
+
+    samples = wait_for(recycled, 30, what="workers recycled by max_tasks")
+    assert value(samples, "tprocess_restarts_total", reason="crash", **labels) == 1
+    count = value(samples, "tprocess_task_duration_seconds_count", **labels)
+    fast = value(samples, "tprocess_task_duration_seconds_bucket", le="0.005", **labels)
+    slow = value(samples, "tprocess_task_duration_seconds_bucket", le="0.001", **labels)
+    assert count and count >= 1000 and fast and fast >= 0.9 * count and slow is not None and slow < fast
+    # counters survive the recycling: the recycled workers' tasks are still counted
+    assert value(samples, "tprocess_tasks_total", **labels) >= count
+    assert inst.stop().returncode == 0
+
+
+@pytest.mark.timeout(60)
 def test_a_master_that_does_not_answer_is_up_0_quickly_never_an_error_or_a_hang(inst):
     inst.write("jobs.py", QUICK)
     port = free_port()
