@@ -44,7 +44,7 @@ def reload_code(config: Config) -> None:
     saved_files = dict(_file_modules)
     saved_user = set(_user_modules)
     for name in _user_modules:
-        sys.modules.pop(name, None)
+        _forget_bytecode(sys.modules.pop(name, None))
     _file_modules.clear()
     _user_modules.clear()
     importlib.invalidate_caches()
@@ -58,6 +58,17 @@ def reload_code(config: Config) -> None:
         _user_modules.clear()
         _user_modules.update(saved_user)
         raise
+
+
+def _forget_bytecode(module: ModuleType | None) -> None:
+    """Drop a user module's cached bytecode: a file edited within the same second and to
+    the same size would pass the cache's mtime-and-size check and run the old code."""
+    cached = getattr(module, "__cached__", None)
+    if cached:
+        try:
+            os.unlink(cached)
+        except OSError:
+            pass
 
 
 def _installed_dirs() -> tuple[str, ...]:
