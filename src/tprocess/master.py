@@ -42,6 +42,7 @@ PR_SET_CHILD_SUBREAPER = 36
 ADOPTED_GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
 SWEEP_DELAY = 0.2  # seconds after a worker's exit before looking for what it left
 BACKOFF_BASE = 0.1
+INTERNAL_ERROR_LIMIT, INTERNAL_ERROR_WINDOW = 20, 10.0  # internal errors in that many seconds: stop
 
 
 class Master:
@@ -70,6 +71,7 @@ class Master:
         self.sweep_timer: Timer | None = None
         self.died_in_setup: set[Worker] = set()  # during start-up: who never got through setup
         self.exit_code = 0
+        self.internal_errors: list[float] = []
         # systemd's sd_notify, in the foreground only: a daemon's main pid would be the command
         self.notifier = notify.Notifier.from_environment(enabled=not detached)
         self.timers = Timers()
@@ -143,12 +145,30 @@ class Master:
         if self.aux is not None:
             self.aux.start()
         while not self._finished():
-            self._wait_for_events()
-            self._dispatch_signals()
-            self.timers.run_due()
-            self._run_helper_timers()
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - a bug of ours must not orphan the pool
+                self._survive_internal_error()
         self._finish()
         return self.exit_code
+
+    def _turn(self) -> None:
+        """One turn of the loop: wait, then handle what came."""
+        self._wait_for_events()
+        self._dispatch_signals()
+        self.timers.run_due()
+        self._run_helper_timers()
+
+    def _survive_internal_error(self) -> None:
+        """Log a bug of the master with its traceback and go on; if the same turn keeps failing,
+        stop the instance rather than spin."""
+        now = time.monotonic()
+        self.internal_errors = [t for t in self.internal_errors if now - t < INTERNAL_ERROR_WINDOW] + [now]
+        log.exception("internal error in the master's loop (please report it); going on")
+        if len(self.internal_errors) >= INTERNAL_ERROR_LIMIT and not self.stopping:
+            self.begin_stop("too many internal errors")
+        elif len(self.internal_errors) >= 2 * INTERNAL_ERROR_LIMIT:
+            self.force_stop()
 
     def _wait_for_events(self) -> None:
         timeout = 0 if self.pending_signals else self.timers.timeout()
