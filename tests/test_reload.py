@@ -200,16 +200,25 @@ def test_broken_reload_is_refused_and_the_pool_goes_on(inst, breakage):
 def test_reload_whose_new_setup_fails_goes_back_to_the_old_code(inst):
     inst.write("jobs.py", JOBS)
     write_code(inst, "v1", seconds=0.05)
-    before = start_config(inst, workers=3)
+    config = CONFIG.format(name=inst.name, workers=3, batch=2)
+    inst.write("tprocess.toml", config + '[groups.old]\ntask = "jobs.py:work"\n')
+    started = inst.run("start", "-c", "tprocess.toml", "-d", "--log-file", str(inst.log), name=False)
+    assert started.returncode == 0, started.stderr
+    before = inst.wait_workers(4)
+    # the new file drops group `old`, grows `ip` to 4, adds `new`; the new code fails in setup
+    inst.write("tprocess.toml", config.replace("workers = 3", "workers = 4")
+               + '[groups.new]\ntask = "jobs.py:work"\n')
     write_code(inst, "v2", seconds=0.05, setup_body="raise RuntimeError('no database for v2')")
     result = inst.run("reload")
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "no database for v2" in result.stderr and "failed during start-up" in result.stderr
-    workers = inst.wait_workers(3)
-    assert workers == before  # nothing was replaced: the first new worker failed in setup
+    assert "Traceback (most recent call last):" in result.stderr.splitlines()  # readable, not escaped
+    workers = inst.wait_workers(4)
+    assert workers == before  # every old worker kept, group `old` included; `new` never stayed
     status = status_json(inst)
     assert status["master"]["state"] == "running"
     assert {w["generation"] for w in status["workers"]} == {1}
+    assert [g["name"] for g in status["groups"]] == ["ip", "old"]
     ends = len(records(inst))
     wait_for(lambda: len(records(inst)) > ends + 6, 10, what="the old workers to go on")
     assert all(r[2] == "v1" for r in records(inst)[ends:] if r[0] == "end")

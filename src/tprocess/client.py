@@ -82,8 +82,9 @@ def ask(name: str, message: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(reply, dict):
         raise UserError(f"the master of {name!r} answered {str(reply)[:80]!r}", EXIT_FAILED)
     if "error" in reply:
-        code = reply.get("code")
-        raise UserError(str(reply["error"]).replace("\n", "\\n"), code if code in (1, 2) else EXIT_FAILED)
+        code = reply.get("code") if reply.get("code") in (1, 2) else EXIT_FAILED
+        message = str(reply["error"])  # a run-time failure may carry a worker's traceback: keep its lines
+        raise UserError(message.replace("\n", "\\n") if code == 2 else message.rstrip(), code)
     return reply
 
 

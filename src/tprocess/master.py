@@ -50,7 +50,8 @@ class Master:
                  detached: bool = False, log_path: str | None = None) -> None:
         self.config = config  # the current generation's; top-level settings come from it
         self.generations: dict[int, Config] = {1: config}
-        self.generation = 1
+        self.generation = 1  # what new workers run
+        self.newest_generation = 1
         self.listener = listener
         self.notify_fd = notify_fd
         self.detached = detached

@@ -50,6 +50,7 @@ class Roll:
     failed: set[Worker] = field(default_factory=set)  # fresh workers that died in setup (scale)
     skip: set[tuple[str, int]] = field(default_factory=set)  # positions a rollback could not bring back
     removed: set[Worker] = field(default_factory=set)  # retired without a replacement
+    removals: list[str] = field(default_factory=list)  # groups to stop once the others have rolled
     error: str | None = None
     before: int = 0  # a scale's group size before it
     rolling_back: bool = False
@@ -66,7 +67,7 @@ class Roller:
     def begin_reload(self, config: Config, waiter: socket.socket | None, why: str) -> None:
         m = self.m
         old = m.generation
-        m.generation += 1
+        m.generation = m.newest_generation = m.newest_generation + 1  # never reused, even after a rollback
         m.generations[m.generation] = config
         m.config = config
         roll = Roll("reload", why, waiter, [], old)
@@ -75,10 +76,9 @@ class Roller:
         for group in config.groups:
             g = m.pool.groups.get(group.name) or m.pool.add_group(group, m.generation)
             g.generation, g.target, g.removed = m.generation, group.workers, False
-        for name, g in m.pool.groups.items():
-            if config.group(name) is None:
-                g.target, g.removed = 0, True
-        roll.groups = list(m.pool.groups)
+        # groups gone from the file stop last: a roll that fails and goes back keeps them running
+        roll.removals = [name for name in m.pool.groups if config.group(name) is None]
+        roll.groups = [name for name in m.pool.groups if name not in roll.removals]
         log.info("reload (%s): rolling %d groups to generation %d, %d at a time",
                  why, len(roll.groups), m.generation, config.reload_batch)
         m.notify_reloading(f"reloading: rolling to generation {m.generation}")
@@ -275,6 +275,9 @@ class Roller:
         roll = self.roll
         if roll is None or not all(self._group_done(name, roll) for name in roll.groups):
             return
+        if roll.removals and not roll.rolling_back:
+            self._remove_groups(roll)
+            return
         self.roll = None
         self._forget_old_generations()
         took = time.monotonic() - roll.began
@@ -286,6 +289,16 @@ class Roller:
         if roll.kind == "reload":
             self.m.notify_ready(self.m.pool_summary() + f", generation {self.m.generation}")
         self._answer(roll)
+
+    def _remove_groups(self, roll: Roll) -> None:
+        """The rest has rolled: now the groups dropped from the file stop."""
+        names, roll.removals = roll.removals, []
+        for name in names:
+            g = self.m.pool.groups[name]
+            g.target, g.removed = 0, True
+            roll.groups.append(name)
+            self.converge(name)
+        self.check_done()
 
     def _group_done(self, name: str, roll: Roll) -> bool:
         g = self.m.pool.groups.get(name)
