@@ -66,6 +66,7 @@ class Runner:
         """Run main() to its end in the worker's loop; return the worker's exit code."""
         ctx = self.ctx
         ctx._aio = self
+        self._publish()  # idle until the first call begins
         asyncio.set_event_loop(self.loop)
         try:
             self.loop.add_reader(ctx._wake_fd, self._on_wake)
