@@ -334,7 +334,7 @@ def run_chaos(tmp_path: Path, kind: str, jobs: int, workers: int, chaos_s: float
         inst_a, inst_b = instances
         config = setup_instance(inst_a, broker, workers=workers, job_timeout=1, min_uptime=0,
                                 retry_delay=0.05)
-        ids = set(enqueue(inst_a, broker, [{"n": n, "sleep": 0.002} for n in range(jobs)]))
+        ids = set(enqueue(inst_a, broker, [{"n": n, "sleep": 0.01} for n in range(jobs)]))
         for inst in instances:
             result = inst.run("start", "-c", str(config), "--name", inst.name, "-d", "--log-file",
                               str(folder / f"{inst.name}.log"))
