@@ -411,3 +411,25 @@ def test_no_job_lost_under_chaos(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
 def test_no_job_lost_under_chaos_soak(tmp_path, kind):
     run_chaos(tmp_path, kind, jobs=10_000, workers=10, chaos_s=20.0)
+
+
+def test_python_api_takes_the_queue_options(tmp_path):
+    from tprocess import ConfigError, Supervisor
+    from tprocess.queue.serving import job_options
+
+    def scan(ctx, job):
+        pass
+
+    bad = Supervisor("api", broker="ftp://host/x").add_group("ip", task=scan, queue="ip")
+    with pytest.raises(ConfigError, match="unknown scheme 'ftp'"):
+        bad.prepare()
+    wrong = Supervisor("api", broker=f"sqlite://{tmp_path}/q.sqlite3").add_group(
+        "ip", task=lambda ctx: None, queue="ip")
+    with pytest.raises(ConfigError, match=r"two arguments \(ctx, job\)"):
+        wrong.prepare()
+    sup = Supervisor("api", broker=f"sqlite://{tmp_path}/q.sqlite3").add_group(
+        "ip", task=scan, workers=2, queue="ip", job_timeout=5, max_retries=0)
+    sup.prepare()  # the broker answered, and was closed again
+    options = job_options(sup.config, sup.config.groups[0])
+    assert (options.queue, options.job_timeout, options.max_retries, options.retry_delay) == ("ip", 5, 0, 1.0)
+    assert options.broker_url == f"sqlite://{tmp_path}/q.sqlite3" and (tmp_path / "q.sqlite3").exists()
