@@ -2,8 +2,8 @@
 
 `add_queue_commands(subparsers)` adds both commands; each sets `func`, which takes the parsed
 arguments and returns the exit code (0 success, 1 run-time failure, 2 usage or configuration
-mistake), printing any error as one `tprocess: error: ...` line. `main(argv)` runs them alone
-(`python -m tprocess.queue ...`) until the command line wires them in.
+mistake), printing any error as one `tprocess: error: ...` line. cli.py adds them to `tprocess` with
+`add_enqueue_arguments` / `add_queue_arguments`; `main(argv)` runs them alone (`python -m tprocess.queue`).
 """
 
 from __future__ import annotations
