@@ -77,6 +77,11 @@ def workers_of(name: str, master_pid: int) -> dict[str, Proc]:
     }
 
 
+def pids(workers: dict[str, Proc]) -> dict[str, int]:
+    """Title -> pid: what must not change when a pool is left untouched (a Proc's state may)."""
+    return {title: proc.pid for title, proc in workers.items()}
+
+
 def zombie_children(pid: int) -> list[Proc]:
     return [p for p in process_table() if p.ppid == pid and p.state == "Z"]
 

@@ -203,7 +203,7 @@ def test_reload_waits_for_the_roll_and_prints_each_replaced_worker(inst):
 @pytest.mark.parametrize("reply,code,needle", [
     ({"error": "tprocess.toml: groups.ip: workers: expected 1 to 4096, got 0", "code": 2}, 2, "groups.ip"),
     ({"error": "a reload is already running", "code": 1}, 1, "already running"),
-    ({"error": "two\nlines"}, 1, "two\\nlines"),
+    ({"error": "two\nlines", "code": 2}, 2, "two\\nlines"),  # a config error: one line
     (None, 1, "did not answer"),
 ])
 def test_error_replies_give_one_line_and_their_exit_code(inst, reply, code, needle):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from e2e_support import status_json
-from helpers import wait_for
+from helpers import pids, wait_for
 
 from tprocess import control
 
@@ -43,7 +43,7 @@ def test_garbled_and_unknown_requests_get_an_error_answer(inst, pool):
             sock.sendall(request)
             reply = json.loads(answer(sock))
         assert "unknown request" in reply["error"] and reply["code"] == 2, (request, reply)
-    assert inst.wait_workers(2) == pool
+    assert pids(inst.wait_workers(2)) == pids(pool)
     assert status_json(inst)["master"]["state"] == "running"
     assert inst.stop().returncode == 0
 
@@ -68,7 +68,7 @@ def test_oversized_half_sent_and_slow_requests(inst, pool):
     with connect(inst) as sock:  # a well-formed request with nonsense in it
         sock.sendall(bad_scale)
         assert json.loads(answer(sock))["code"] == 2
-    assert inst.wait_workers(2) == pool
+    assert pids(inst.wait_workers(2)) == pids(pool)
     assert inst.stop().returncode == 0
 
 
@@ -88,7 +88,7 @@ def test_silent_clients_neither_block_the_master_nor_pile_up(inst, pool):
             sock.close()
     fds = len(os.listdir(f"/proc/{inst.master().pid}/fd"))
     assert fds < 40, fds
-    assert inst.wait_workers(2) == pool
+    assert pids(inst.wait_workers(2)) == pids(pool)
     assert inst.stop().returncode == 0
 
 

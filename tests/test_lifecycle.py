@@ -7,7 +7,7 @@ import os
 import signal
 import time
 
-from helpers import gone, instance_procs, wait_for, workers_of
+from helpers import gone, instance_procs, pids, wait_for, workers_of
 
 SLEEPER = """
 def work(ctx):
@@ -55,7 +55,7 @@ def test_second_start_refused_and_pool_untouched(inst):
     again = inst.run("start", "jobs.py:work", "-n", "2", "-d")
     assert again.returncode == 1
     assert f"already running (master pid {master.pid})" in again.stderr
-    assert inst.wait_workers(2) == before
+    assert pids(inst.wait_workers(2)) == pids(before)
     assert inst.stop().returncode == 0
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from e2e_support import WORD_RECORDS, status_json, word_records
-from helpers import TPROCESS, instance_procs, wait_for, workers_of
+from helpers import TPROCESS, instance_procs, pids, wait_for, workers_of
 
 # The task imports a module of the user's own (lib.py): a reload must load both afresh.
 JOBS = WORD_RECORDS + '''
@@ -187,7 +187,7 @@ def test_broken_reload_is_refused_and_the_pool_goes_on(inst, breakage):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tprocess: error: ") and expected in lines[0], lines
     assert "Traceback" not in result.stderr
-    assert inst.wait_workers(2) == before
+    assert pids(inst.wait_workers(2)) == pids(before)
     assert "refused" in inst.read_log()
     ends = len(records(inst))
     wait_for(lambda: len(records(inst)) > ends + 4, 10, what="the old workers to go on")
@@ -214,7 +214,7 @@ def test_reload_whose_new_setup_fails_goes_back_to_the_old_code(inst):
     assert "no database for v2" in result.stderr and "failed during start-up" in result.stderr
     assert "Traceback (most recent call last):" in result.stderr.splitlines()  # readable, not escaped
     workers = inst.wait_workers(4)
-    assert workers == before  # every old worker kept, group `old` included; `new` never stayed
+    assert pids(workers) == pids(before)  # every old worker kept, group `old` included; `new` never stayed
     status = status_json(inst)
     assert status["master"]["state"] == "running"
     assert {w["generation"] for w in status["workers"]} == {1}

@@ -10,7 +10,7 @@ import time
 
 import pytest
 from e2e_support import LOG_LINE, status_json
-from helpers import instance_procs, wait_for, workers_of, zombie_children
+from helpers import instance_procs, pids, wait_for, workers_of, zombie_children
 
 SLEEPER = "def work(ctx):\n    ctx.sleep(3600)\n"
 
@@ -222,7 +222,7 @@ def test_task_exception_is_logged_counted_and_worker_goes_on(inst):
             assert f"ValueError: boom number {n} in {proc.pid}" in log
     assert log.count("Traceback (most recent call last)") == 4
     assert 'jobs.py", line' in log
-    assert workers_of(inst.name, master.pid) == before  # same pids: nobody was replaced
+    assert pids(workers_of(inst.name, master.pid)) == pids(before)  # same pids: nobody was replaced
     assert inst.stop().returncode == 0
 
 

@@ -7,7 +7,7 @@ import signal
 
 import pytest
 from e2e_support import open_tasks, record_task, status_json, wait_started
-from helpers import wait_for, workers_of
+from helpers import pids, wait_for, workers_of
 
 TWO_GROUPS = '''
 name = "{name}"
@@ -78,7 +78,7 @@ def test_scale_mistakes_are_one_line_and_leave_the_pool_alone(inst):
         assert result.returncode == code, (args, result.stdout, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("tprocess: error: "), (args, lines)
         assert words in lines[0], (args, lines)
-    assert inst.wait_workers(3) == before
+    assert pids(inst.wait_workers(3)) == pids(before)
     ok = inst.run("scale", "domain", "0")
     assert ok.returncode == 0, ok.stderr
     assert sorted(inst.wait_workers(2)) == titles(inst, 0, 1, group="ip")
