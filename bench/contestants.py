@@ -36,7 +36,7 @@ class Pool:
         self.records = pu.Records(self.records_path)
         self.name = f"bench-{RUN_TAG}-{os.path.basename(dirpath)}"
         self.env = dict(os.environ, BENCH_RECORDS=self.records_path, BENCH_MODE=mode,
-                        PYTHONDONTWRITEBYTECODE="1")
+                        PYTHONDONTWRITEBYTECODE="1", **contestant.env_extra)
         self.launcher = None
         self.master = None
         self.master_start = None
@@ -99,6 +99,7 @@ class Contestant:
     name = "?"
     how = ""
     available = True
+    env_extra: dict = {}  # noqa: RUF012 - read only
     reason = ""
     foreground = False  # the start command is the master itself (does not return)
     cli_cmd = None  # a control-CLI call that touches no daemon: times the CLI's own startup
@@ -394,4 +395,19 @@ class PM2(Contestant):
         super().force_cleanup(pool)
 
 
-ALL = [Floor, TProcess, Supervisord, Circus, PM2]
+class TProcessBase(TProcess):
+    """Another tree of tprocess's sources (BENCH_BASE_SRC, e.g. an export of an older
+    commit), run side by side with the current one: before/after figures of a change."""
+    name = "base"
+    how = "tprocess as above, from the sources in $BENCH_BASE_SRC (PYTHONPATH)"
+
+    def setup(self, log):
+        src = os.environ.get("BENCH_BASE_SRC", "")
+        if not os.path.isdir(os.path.join(src, "tprocess")):
+            raise Unavailable("BENCH_BASE_SRC is not a folder holding tprocess/")
+        super().setup(log)
+        self.env_extra = {"PYTHONPATH": src}
+        self.version = f"{self.version} from {src}"
+
+
+ALL = [Floor, TProcess, TProcessBase, Supervisord, Circus, PM2]

@@ -32,11 +32,14 @@ REPO = os.path.dirname(BENCH)
 RUNS = os.path.join(se.WORK, "runs")
 
 MODES = {
-    "full": dict(start_ns=[5, 100, 500], busy_ns=[5, 100], reps=3, cpu_s=10.0, kills=20,
-                 budget_s=850),
-    "quick": dict(start_ns=[5, 100], busy_ns=[5], reps=2, cpu_s=3.0, kills=8, budget_s=230),
+    "full": dict(start_ns=[5, 100, 500, 2000], busy_ns=[5, 100], reps=3, cpu_s=10.0, kills=20,
+                 scale_kills=9, budget_s=1150),
+    "quick": dict(start_ns=[5, 100], busy_ns=[5], reps=2, cpu_s=3.0, kills=8, scale_kills=4,
+                  budget_s=230),
 }
 RES_N = 100  # N for CPU / memory / respawn / zombies
+PEERS_MAX_N = 500  # the exec'd peers take a minute or more per pool past this: floor and tprocess only
+FORKERS = ("floor", "tprocess", "base")  # measured at every N: respawn and memory (the scale figures)
 SETTLE_S = 0.5  # idle time after a pool is up, before it is measured or stopped
 STOP_TIMEOUT_BUSY = 30.0
 
@@ -61,7 +64,13 @@ class Harness:
     def __init__(self, args):
         self.args = args
         self.mode = "quick" if args.quick else "full"
-        self.cfg = MODES[self.mode]
+        self.cfg = dict(MODES[self.mode])
+        if args.ns:
+            self.cfg["start_ns"] = [int(x) for x in args.ns.split(",")]
+        if args.reps:
+            self.cfg["reps"] = args.reps
+        if args.no_extra:
+            self.cfg["busy_ns"] = []
         self.reaper = pu.Reaper()
         pu.REAPER = self.reaper
         self.rng = random.Random(20240601)
@@ -197,6 +206,10 @@ class Harness:
                 self.resources(pool)
                 if kills:
                     self.respawn(pool, kills)
+            elif c.name in FORKERS:
+                self.settle(pool)
+                self.memory(pool, f"_{n}")
+                self.respawn(pool, min(self.cfg["scale_kills"], n - 1), f"_{n}")  # originals only
             self.settle(pool)
             stop_s, rc, cut = self.stop_pool(pool, stop_timeout(n))
             self.add(c, f"stop_idle_{n}", stop_s)
@@ -256,14 +269,22 @@ class Harness:
         if a is None or b is None:
             raise RunError("master died during the CPU window")
         self.add(c, "cpu_pct", (b - a) / pu.CLK_TCK / (tb - ta) * 100)
+        self.memory(pool)
+        if c.name in FORKERS:
+            self.memory(pool, f"_{pool.n}")
+
+    def memory(self, pool, suffix=""):
+        c, master = pool.c, pool.master
         procs = pu.all_procs()
         workers = pool.workers(procs)
-        self.add(c, "rss_mib", (pu.rss_kib(master) or 0) / 1024)
-        self.add(c, "pss_mib", sum(pu.pss_kib(w) or 0 for w in workers) / 1024)
-        self.add(c, "pss_master_mib", (pu.pss_kib(master) or 0) / 1024)
-        self.add(c, "nworkers", len(workers))
+        self.add(c, f"rss_mib{suffix}", (pu.rss_kib(master) or 0) / 1024)
+        self.add(c, f"pss_mib{suffix}", sum(pu.pss_kib(w) or 0 for w in workers) / 1024)
+        self.add(c, f"pss_master_mib{suffix}", (pu.pss_kib(master) or 0) / 1024)
+        self.add(c, f"nworkers{suffix}", len(workers))
 
-    def respawn(self, pool, kills):
+    def respawn(self, pool, kills, suffix=""):
+        """suffix "": the N=RES_N series, with zombie sampling; "_N": the scale series
+        (no zombie sampling: reading /proc for thousands of processes would disturb it)."""
         c, master = pool.c, pool.master
         rec = pool.records
         procs = pu.all_procs()
@@ -274,6 +295,8 @@ class Harness:
 
         def zsample(force=False):
             nonlocal zmax
+            if suffix:
+                return 0
             now = time.monotonic()
             if not force and now - last_z[0] < 0.02:
                 return None
@@ -305,13 +328,18 @@ class Harness:
                 rec.poll()
                 if len(rec.order) > k:
                     new = rec.order[k]
-                    self.add(c, "respawn_ms", (rec.first_s[new] - t0) / 1e6)
+                    self.add(c, f"respawn_ms{suffix}", (rec.first_s[new] - t0) / 1e6)
+                    if suffix == "" and c.name in FORKERS:
+                        self.add(c, f"respawn_ms_{pool.n}", (rec.first_s[new] - t0) / 1e6)
                     break
                 if time.monotonic() > deadline:
                     self.err(c, "respawn", "no new worker within 30 s of a SIGKILL")
                     break
                 zsample()
                 time.sleep(0.002)
+        if suffix:
+            pool.snapshot()
+            return
         # zombies after the series: sampled for 1 s, the last sample counts
         end = time.monotonic() + 1.0
         while time.monotonic() < end:
@@ -338,7 +366,7 @@ class Harness:
         only = set(self.args.only.split(",")) if self.args.only else None
         for cls in cs.ALL:
             c = cls()
-            if only and c.name not in only:
+            if (only and c.name not in only) or (c.name == "base" and not (only and "base" in only)):
                 continue
             t = time.monotonic()
             try:
@@ -366,7 +394,8 @@ class Harness:
                 plan.append(("idle", n, r))
             for n in cfg["busy_ns"]:
                 plan.append(("busy", n, r))
-            plan.append(("empty", 1, r))
+            if not self.args.no_extra:
+                plan.append(("empty", 1, r))
         took = {}  # (kind, n) -> seconds its block took in the first rep
         for kind, n, r in plan:
             est = took.get((kind, n), 0)
@@ -378,6 +407,8 @@ class Harness:
             log(f"  rep {r + 1}/{reps} {kind} N={n}  [{self.elapsed():.0f} s]")
             t_block = time.monotonic()
             for c in active:
+                if n > PEERS_MAX_N and c.name not in FORKERS:
+                    continue
                 if kind == "idle":
                     self.run_idle(c, n, kills[r] if n == RES_N else 0)
                 elif kind == "busy":
@@ -432,6 +463,12 @@ def build_rows(h):
         ("zombies 1 s after kills", "zombies_after:max", "int"),
         ("empty-task loop, 1 worker", "empty_rate", "rate"),
     ]
+    for n in cfg["start_ns"]:
+        rows.append((f"respawn median N={n}", f"respawn_ms_{n}", "ms"))
+    for n in cfg["start_ns"]:
+        rows.append((f"workers total PSS N={n}", f"pss_mib_{n}", "mib"))
+    for n in cfg["start_ns"]:
+        rows.append((f"master RSS N={n}", f"rss_mib_{n}", "mib"))
     return rows
 
 
@@ -541,6 +578,8 @@ def machine_info():
 def write_report(h, args, total_s, plot_path):
     mi = machine_info()
     cmd = "python bench/run.py" + (" --quick" if args.quick else "") + \
+        (f" --ns {args.ns}" if args.ns else "") + (f" --reps {args.reps}" if args.reps else "") + \
+        (" --no-extra" if args.no_extra else "") + \
         (f" --out {args.out}" if args.out != DEFAULT_OUT else "") + \
         (f" --only {args.only}" if args.only else "")
     lines = [
@@ -630,6 +669,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="fewer N values, shorter windows")
     ap.add_argument("--out", default=DEFAULT_OUT, help="markdown results file")
     ap.add_argument("--only", default="", help="comma-separated contestant names (debugging)")
+    ap.add_argument("--ns", default="", help="comma-separated N for start/stop (default: the mode's)")
+    ap.add_argument("--reps", type=int, default=0, help="runs per cell (default: the mode's)")
+    ap.add_argument("--no-extra", action="store_true", help="start/stop/respawn/memory only: no busy "
+                    "stops, no empty-task loop")
     args = ap.parse_args()
     os.chdir(REPO)
 

@@ -27,6 +27,7 @@ import setproctitle
 from . import auxiliary, control, logs, notify, output, worker
 from .commands import Commands, StopReport
 from .config import Config, GroupConfig
+from .fdranges import TrackedSelector, ranges_with
 from .guards import Guards
 from .logs import log
 from .pool import LIVE, Group, Phase, Pool, Worker
@@ -60,7 +61,7 @@ class Master:
         self.started_at = time.monotonic()
         self.slots = SlotTable(config.name, config.total_workers())
         self.pool = Pool(self.slots)
-        self.selector = selectors.DefaultSelector()
+        self.selector = TrackedSelector()  # keeps its descriptors as runs, for closing in workers
         self.output = output.OutputCapture(self.selector)  # workers' fd 1 and 2, into the log
         self.pending_signals: list[int] = []
         self.stopping = False
@@ -117,16 +118,16 @@ class Master:
     def _record_signal(self, signum: int, frame: Any) -> None:
         self.pending_signals.append(signum)
 
-    def _master_only_fds(self) -> list[int]:
-        """Descriptors a worker must not keep (the listener would hold the lock)."""
-        fds = [self.wake_w, self.selector.fileno()]  # type: ignore[attr-defined]
-        fds.extend(key.fd for key in self.selector.get_map().values())
+    def _master_only_fds(self) -> list[tuple[int, int]]:
+        """Descriptors a worker must not keep (the listener would hold the lock), as runs
+        [lo, hi): computed in the master before fork, in O(runs), not O(workers)."""
+        fds = [self.wake_w, self.selector.fileno()]
         fds.extend(self.commands.waiting_fds())
         if self.notify_fd is not None:
             fds.append(self.notify_fd)
         if self.notifier is not None:
             fds.append(self.notifier.fileno())
-        return [fd for fd in fds if fd >= 0]
+        return ranges_with(self.selector.fds.ranges(), fds)
 
     # --- the loop -------------------------------------------------------------------
 
@@ -280,6 +281,7 @@ class Master:
             jobs=worker.jobs_of(self.config, group), concurrency=group.concurrency or 1,  # work queues
         )
         slot.prepare_spawn()  # not the state its predecessor died in
+        master_fds = self._master_only_fds()
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
         try:
             spec.output = output.Pipes.open()
@@ -293,7 +295,7 @@ class Master:
             w.timer = self.timers.call_later(1.0, self._restart, w)
             return
         if pid == 0:
-            worker.run(spec, self._master_only_fds())
+            worker.run(spec, master_fds)
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
         self.output.watch(spec.output, w.title, pid)
         w.move(Phase.STARTING)

@@ -141,7 +141,7 @@ def jobs_of(config: Any, group: Any) -> Any:
     return job_options(config, group)
 
 
-def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
+def run(spec: WorkerSpec, master_fds: Iterable[tuple[int, int]]) -> NoReturn:
     """Entry point in the child right after fork: never returns."""
     code = EXIT_CRASH
     try:
@@ -153,7 +153,7 @@ def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
         _exit(code, spec.master_pid)
 
 
-def _become_worker(spec: WorkerSpec, master_fds: Iterable[int]) -> Context:
+def _become_worker(spec: WorkerSpec, master_fds: Iterable[tuple[int, int]]) -> Context:
     setproctitle.setproctitle(spec.title)  # first: until then the child is titled as the master
     logs.set_title(spec.title)
     if spec.output is not None:
@@ -374,15 +374,11 @@ def _ignore_signal(signum: int, frame: Any) -> None:
     pass
 
 
-def _close_fds(fds: Iterable[int]) -> None:
-    """Close the master's descriptors by runs of consecutive numbers (one close_range
-    call per run): a master holds two pipe ends per worker, and most are neighbours."""
-    ordered = sorted(set(fds))
-    start = 0
-    for i in range(1, len(ordered) + 1):
-        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
-            os.closerange(ordered[start], ordered[i - 1] + 1)
-            start = i
+def _close_fds(runs: Iterable[tuple[int, int]]) -> None:
+    """Close the master's descriptors, given as runs [lo, hi) of consecutive numbers
+    (one close_range call per run): a master holds two pipe ends per worker."""
+    for lo, hi in runs:
+        os.closerange(lo, hi)
 
 
 def _drain(fd: int) -> None:

@@ -1,0 +1,91 @@
+"""The master's descriptors never leak into a worker, however the numbers get reused.
+
+The master holds two pipe read ends per worker, its control socket, its selector and
+wake-up pipe; a freshly forked worker closes all of them (as runs of consecutive
+numbers, tracked by the master's selector: fdranges.py). Respawns punch holes in the
+numbering and fill them again: workers forked then must still close exactly the
+master's descriptors and keep their own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+
+import pytest
+from chaos_support import children_of
+from helpers import kill_pids, wait_for, workers_of
+
+from tprocess.fdranges import FdRanges
+
+TASK = "def work(ctx):\n    ctx.sleep(0.2)\n"
+
+
+def links(pid: int) -> dict[int, str]:
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            pass
+    return out
+
+
+def listener_of(name: str) -> str:
+    """`socket:[INODE]` of the instance's control socket (abstract name, /proc/net/unix)."""
+    with open("/proc/net/unix") as fh:
+        for line in fh:
+            fields = line.split()
+            if fields[-1] == f"@tprocess:{os.getuid()}:{name}":
+                return f"socket:[{fields[6]}]"
+    raise AssertionError(f"no control socket for {name}")
+
+
+def leaked_into(worker: int, master_links: set[str], listener: str) -> set[str]:
+    """Pipes and the selector of the master that the worker also holds, less its own fd
+    1 and 2 (a pipe's two ends read the same `pipe:[INODE]`), and the control socket.
+    (The one socket they share is the report socket's sending end, which both hold.)"""
+    mine = links(worker)
+    own = {mine.get(1), mine.get(2)}
+    return {target for target in mine.values()
+            if (target.startswith(("pipe:", "anon_inode:")) and target in master_links
+                and target not in own) or target == listener}
+
+
+@pytest.mark.timeout(90)
+def test_workers_hold_none_of_the_masters_descriptors_across_respawns(inst):
+    inst.write("jobs.py", TASK)
+    inst.start("jobs.py:work", "-n", "12")
+    workers = inst.wait_workers(12)
+    master = inst.master().pid
+    for round_ in range(3):  # kill a few: their numbers are reused by the next forks
+        victims = random.Random(round_).sample(sorted(p.pid for p in workers.values()), 4)
+        kill_pids(victims, signal.SIGKILL)
+        workers = wait_for(lambda v=set(victims): (w := workers_of(inst.name, master)) and len(w) == 12
+                           and not v & {p.pid for p in w.values()} and w, 20, what="12 replacements")
+    master_links = set(links(master).values())
+    listener = listener_of(inst.name)
+    assert listener in master_links
+    assert sum(t.startswith("pipe:") for t in master_links) >= 24  # two read ends per worker
+    for proc in children_of(master):
+        assert leaked_into(proc.pid, master_links, listener) == set(), proc.title
+    assert inst.stop().returncode == 0
+
+
+def test_fd_ranges_match_a_plain_set():
+    rng = random.Random(7)
+    for _ in range(200):
+        ranges, plain = FdRanges(), set()
+        for _ in range(200):
+            fd = rng.randrange(0, 50)
+            if rng.random() < 0.55:
+                ranges.add(fd)
+                plain.add(fd)
+            else:
+                ranges.discard(fd)
+                plain.discard(fd)
+            runs = ranges.ranges()
+            assert {fd for lo, hi in runs for fd in range(lo, hi)} == plain
+            assert all(a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False))  # sorted, disjoint
+            assert len(ranges) == len(plain)
