@@ -82,7 +82,7 @@ class AuxProcess:
         """Handle the exit if pid is this process's; False if it is not."""
         if not pid or pid != self.pid:
             return False
-        from .master import describe_status  # master imports this module
+        from .lifecycle import describe_status  # master imports this module
 
         now = time.monotonic()
         uptime = now - self.started_at

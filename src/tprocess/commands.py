@@ -33,6 +33,11 @@ class StopReport:
     stopped: list[dict[str, Any]] = field(default_factory=list)
     killed: list[dict[str, Any]] = field(default_factory=list)
 
+    def note_exit(self, entry: dict[str, Any]) -> None:
+        """A worker exited during the stop: stopped, unless we had to kill it."""
+        if not any(k["pid"] == entry["pid"] for k in self.killed):
+            self.stopped.append(entry)
+
 
 class Commands:
     def __init__(self, master: Master) -> None:
@@ -61,8 +66,8 @@ class Commands:
     def answer_stop_waiters(self) -> None:
         m = self.m
         groups = {g.name: i for i, g in enumerate(m.config.groups)}
-        m.report.stopped.sort(key=lambda e: (groups.get(e.pop("group", ""), 0), e.pop("index", 0)))
-        reply = {"master": m.pid, "stopped": m.report.stopped, "killed": m.report.killed}
+        m.stop_report.stopped.sort(key=lambda e: (groups.get(e.pop("group", ""), 0), e.pop("index", 0)))
+        reply = {"master": m.pid, "stopped": m.stop_report.stopped, "killed": m.stop_report.killed}
         for conn in self.stop_waiters:
             control.reply(conn, reply)
         self.stop_waiters.clear()

@@ -40,7 +40,7 @@ class Guards:
         m = self.m
         if w.pid != pid or w.ready or m.stopping or m.slots[w.slot].state != STARTING:
             return
-        m.kill_worker(w, f"still in setup after {limit:g}s (setup_timeout)", reason="setup_timeout")
+        m.life.kill(w, f"still in setup after {limit:g}s (setup_timeout)", reason="setup_timeout")
 
     def _arm(self, when: float) -> None:
         when = max(when, time.monotonic() + MIN_CHECK_INTERVAL)
@@ -71,7 +71,7 @@ class Guards:
                 if ran >= limit:
                     log.error("task of %s (pid %d) has run %.1fs, past task_timeout %gs: it is hung",
                               w.title, w.pid, ran, limit)
-                    m.kill_worker(w, "task_timeout", reason="task_timeout")
+                    m.life.kill(w, "task_timeout", reason="task_timeout")
                     continue
                 due = since / 1e9 + limit
             next_due = due if next_due is None else min(next_due, due)

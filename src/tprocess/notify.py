@@ -152,3 +152,31 @@ def _watchdog_usec(value: str | None) -> int | None:
         log.warning("WATCHDOG_USEC=%r is not a number of microseconds: no watchdog", value)
         return None
     return usec if usec > 0 else None
+
+
+class NullNotifier:
+    """No systemd to tell: every message is dropped and no timer is ever due."""
+
+    def ready(self, status: str) -> None:
+        pass
+
+    def reloading(self, status: str = "reloading") -> None:
+        pass
+
+    def stopping(self, status: str = "stopping") -> None:
+        pass
+
+    def status(self, text: str) -> None:
+        pass
+
+    def begin_stop(self, deadline: float, status: str) -> None:
+        pass
+
+    def next_due(self) -> float | None:
+        return None
+
+    def run_due(self, now: float) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1

@@ -135,6 +135,15 @@ class Pool:
     def live(self) -> list[Worker]:
         return list(self.by_pid.values())
 
+    def summary(self) -> str:
+        """One line for `systemctl status`: how many workers run, how many failed."""
+        members = [w for g in self.groups.values() for w in g.members.values()]
+        running = sum(1 for w in members if w.alive)
+        failed = sum(1 for w in members if w.phase is Phase.FAILED)
+        text = f"{running} workers running" if running == len(members) else \
+            f"{running} of {len(members)} workers running"
+        return f"{text}, {failed} failed" if failed else text
+
     def group_of(self, w: Worker) -> Group:
         return self.groups[w.group]
 

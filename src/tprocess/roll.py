@@ -81,7 +81,7 @@ class Roller:
         roll.groups = [name for name in m.pool.groups if name not in roll.removals]
         log.info("reload (%s): rolling %d groups to generation %d, %d at a time",
                  why, len(roll.groups), m.generation, config.reload_batch)
-        m.notify_reloading(f"reloading: rolling to generation {m.generation}")
+        m.notifier.reloading(f"reloading: rolling to generation {m.generation}")
         self._begin(roll)
 
     def begin_scale(self, g: Group, count: int, waiter: socket.socket | None, why: str) -> None:
@@ -160,7 +160,7 @@ class Roller:
     def _retire(self, g: Group, w: Worker, reason: str) -> None:
         if w.alive:
             g.retiring.append(w)
-        self.m.retire(w, reason)
+        self.m.life.retire(w, reason)
 
     # --- events ------------------------------------------------------------------------------
 
@@ -185,7 +185,7 @@ class Roller:
         roll = self.roll
         if roll is not None and w in roll.removed:
             roll.stopped.append(entry)
-        self.m._end_position(w)
+        self.m.life.end_position(w)
         if roll is not None:
             self.converge(w.group)
             self.check_done()
@@ -202,14 +202,14 @@ class Roller:
             return False
         if g.candidates.get(w.index) is w:
             del g.candidates[w.index]
-            self.m._end_position(w)
+            self.m.life.end_position(w)
             self._new_worker_failed(g, w, roll, error)
             return True
         if w.index in g.candidates and g.members.get(w.index) is w:  # its replacement is on the way
             c = g.candidates.pop(w.index)
             g.members[w.index] = c
             roll.replaced.append({"name": w.title, "old_pid": None, "new_pid": c.pid})
-            self.m._end_position(w)
+            self.m.life.end_position(w)
             self.check_done()
             return True
         if w in roll.fresh and died_in_setup:
@@ -287,7 +287,7 @@ class Roller:
             log.info("%s done in %.2fs: %d replaced, %d started, %d stopped", roll.kind, took,
                      len(roll.replaced), len(roll.started), len(roll.stopped))
         if roll.kind == "reload":
-            self.m.notify_ready(self.m.pool_summary() + f", generation {self.m.generation}")
+            self.m.notifier.ready(self.m.pool.summary() + f", generation {self.m.generation}")
         self._answer(roll)
 
     def _remove_groups(self, roll: Roll) -> None:
