@@ -375,14 +375,19 @@ def status(args: argparse.Namespace) -> int:
 
 
 def _add_memory(reply: dict) -> None:
-    """Each process's resident memory, read with psutil (only `status` imports it)."""
-    import psutil
-
+    """Each process's resident memory, from /proc/PID/statm as psutil would read it: psutil's
+    import and a Process object per worker cost `status --json` of 500 workers about 30 ms."""
+    page = os.sysconf("SC_PAGE_SIZE")
     for proc in [reply["master"], *reply["workers"]]:
-        try:
-            proc["rss"] = psutil.Process(proc["pid"]).memory_info().rss if proc["pid"] else None
-        except psutil.Error:
-            proc["rss"] = None
+        proc["rss"] = _resident_bytes(proc["pid"], page) if proc["pid"] else None
+
+
+def _resident_bytes(pid: int, page: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):
+        return None  # the process is gone
 
 
 def _status_not_running(name: str, as_json: bool) -> int:
