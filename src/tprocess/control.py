@@ -148,6 +148,8 @@ class Server:
         self.handlers = handlers
         self.call_later = call_later
         self.pending: dict[socket.socket, bytes] = {}  # requests still arriving, oldest first
+        self.expiry: dict[socket.socket, Any] = {}  # their time-outs: cancelled once a request is in,
+        # so that an idle master does not wake REQUEST_TIMEOUT after every status
         selector.register(listener, selectors.EVENT_READ, self._on_accept)
 
     def _on_accept(self, listener: socket.socket) -> None:
@@ -163,7 +165,7 @@ class Server:
         conn.setblocking(False)
         self.pending[conn] = b""
         self.selector.register(conn, selectors.EVENT_READ, self._on_readable)
-        self.call_later(REQUEST_TIMEOUT, self._expire, conn)
+        self.expiry[conn] = self.call_later(REQUEST_TIMEOUT, self._expire, conn)
 
     def _expire(self, conn: socket.socket) -> None:
         if conn in self.pending:
@@ -171,6 +173,7 @@ class Server:
 
     def _drop(self, conn: socket.socket) -> None:
         del self.pending[conn]
+        self.expiry.pop(conn).cancel()
         self.selector.unregister(conn)
         conn.close()
 
@@ -189,6 +192,7 @@ class Server:
             self.pending[conn] = buffered
             return
         del self.pending[conn]
+        self.expiry.pop(conn).cancel()
         self.selector.unregister(conn)
         self._dispatch(conn, buffered.split(b"\n", 1)[0])
 
