@@ -311,18 +311,27 @@ def loop_table(rates: dict[str, list[float]]) -> list[str]:
 # --- 2. the commands' own cost --------------------------------------------------------------------
 
 
-def bench_commands(lab: Lab, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def bench_commands(lab: Lab, rounds: int) -> tuple[dict[str, list[float]], dict[str, list[float]],
+                                                   tuple[float, int]]:
     absent = f"absent-{lab.tag}"
+    package = write_bytecode()
+    uncached = copy_without_bytecode(package, os.path.join(lab.root, "uncached"))
     with lab.instance() as inst:
         inst.start(inst.write_config(group_toml("w", "idle", 5)))
         commands = {
             "python -c pass": [sys.executable, "-c", "pass"],
+            "python -c 'import argparse'": [sys.executable, "-c", "import argparse"],
+            "python -c 'import tprocess.cli'": [sys.executable, "-c", "import tprocess.cli"],
             "tprocess status (not running)": [TPROCESS, "status", "--name", absent],
             "tprocess stop (not running)": [TPROCESS, "stop", "--name", absent],
             "tprocess scale 3 (not running)": [TPROCESS, "scale", "--name", absent, "3"],
             "tprocess reload (not running)": [TPROCESS, "reload", "--name", absent],
             "tprocess status (5 workers)": [TPROCESS, "status", "--name", inst.name],
             "tprocess status --json (5 workers)": [TPROCESS, "status", "--json", "--name", inst.name],
+            "tprocess status (not running), no bytecode caches": [
+                sys.executable, "-c", f"import sys; sys.path.insert(0, {uncached!r}); "
+                f"sys.argv = ['tprocess', 'status', '--name', {absent!r}]; "
+                "from tprocess.cli import main; main()"],
         }
         walls: dict[str, list[float]] = {label: [] for label in commands}
         cpus: dict[str, list[float]] = {label: [] for label in commands}
@@ -335,7 +344,38 @@ def bench_commands(lab: Lab, rounds: int) -> tuple[dict[str, list[float]], dict[
                 walls[label].append(wall * 1000)
                 cpus[label].append(cpu * 1000)
         inst.remember_children()
-    return walls, cpus
+    return walls, cpus, scan_cost(absent)
+
+
+def write_bytecode() -> str:
+    """tprocess's bytecode caches, as `pip install` writes them; returns the package's folder."""
+    import compileall
+
+    import tprocess
+
+    package = os.path.dirname(tprocess.__file__)
+    compileall.compile_dir(package, quiet=1)
+    return package
+
+
+def copy_without_bytecode(package: str, folder: str) -> str:
+    """A copy of the package's sources alone; run with PYTHONDONTWRITEBYTECODE it stays so."""
+    import shutil
+
+    shutil.copytree(package, os.path.join(folder, "tprocess"), ignore=shutil.ignore_patterns("__pycache__"))
+    return folder
+
+
+def scan_cost(name: str) -> tuple[float, int]:
+    """(ms, processes): what the /proc scan for an instance's leftovers costs on this machine now."""
+    from tprocess import discovery
+
+    times = []
+    for _ in range(20):
+        began = time.monotonic()
+        discovery.find_instance(name)
+        times.append((time.monotonic() - began) * 1000)
+    return med(times), sum(1 for entry in os.listdir("/proc") if entry.isdigit())
 
 
 def commands_table(walls: dict[str, list[float]], cpus: dict[str, list[float]]) -> list[str]:
@@ -582,73 +622,101 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def targets(loop: dict[str, list[float]], walls: dict[str, list[float]], status: dict[str, list[float]],
-            rolls: list[RollResult], idle: dict[str, IdleResult], workers: dict[str, int],
-            batch: int) -> list[str]:
-    out = ["| target | measured | met? |", "| --- | --- | --- |"]
-    all_on = med(loop["all three"])
-    base = med(loop["every feature off"])
+def loop_targets(loop: dict[str, list[float]]) -> list[str]:
+    all_on, base = med(loop["all three"]), med(loop["every feature off"])
     extra = 1e9 / all_on - 1e9 / base
-    out.append(f"| empty task with task_timeout, max_tasks and max_memory all on: under 2 µs "
-               f"(at least 500,000/s) | {all_on:,.0f}/s, {1e9 / all_on:.0f} ns per task "
-               f"({extra:+.0f} ns over every feature off) | {yes(1e9 / all_on < LOOP_TARGET_NS)} |")
+    return [f"| empty task with task_timeout, max_tasks and max_memory all on: under 2 µs "
+            f"(at least 500,000/s) | {all_on:,.0f}/s, {1e9 / all_on:.0f} ns per task "
+            f"({extra:+.0f} ns over every feature off) | {yes(1e9 / all_on < LOOP_TARGET_NS)} |"]
+
+
+def commands_targets(walls: dict[str, list[float]]) -> list[str]:
+    out = []
     py = med(walls["python -c pass"])
     for cmd in ("status", "stop", "scale 3", "reload"):
         wall = med(walls[f"tprocess {cmd} (not running)"])
         met = yes(wall - py <= COMMAND_TARGET_MS)
         out.append(f"| `tprocess {cmd}` within 25 ms of `python -c pass` | {wall:.1f} ms against "
                    f"{py:.1f} ms: {wall - py:+.1f} ms, x{wall / py:.2f} | {met} |")
-    label = f"tprocess status --json ({workers['status']} workers)"
+    return out
+
+
+def status_targets(status: dict[str, list[float]]) -> list[str]:
+    label = next(k for k in status if k.startswith("tprocess status --json"))
     js = med(status[label])
-    out.append(f"| `status --json` within 100 ms with {workers['status']} workers | {js:.1f} ms "
-               f"(max {max(status[label]):.1f} ms) | {yes(js <= STATUS_TARGET_MS)} |")
-    n = workers["reload"]
+    return [f"| `{label}` within 100 ms | {js:.1f} ms (max {max(status[label]):.1f} ms) | "
+            f"{yes(js <= STATUS_TARGET_MS)} |"]
+
+
+def reload_targets(rolls: list[RollResult], n: int, batch: int) -> list[str]:
     low = min(min(s.titled for s in r.samples) for r in rolls)
     high = max(max(s.titled for s in r.samples) for r in rolls)
     ready_low = min(min(s.ready for s in r.samples if s.ready is not None) for r in rolls)
-    out.append(f"| reload of {n} workers, reload_batch = {batch}: never below {n} running | "
-               f"live workers {low}-{high} (process table), past setup at least {ready_low} (status), "
-               f"over {len(rolls)} rolls | {yes(low >= n and ready_low >= n and high <= n + batch)} |")
+    return [f"| reload of {n} workers, reload_batch = {batch}: never below {n} running | "
+            f"live workers {low}-{high} (process table), past setup at least {ready_low} (status), "
+            f"over {len(rolls)} rolls | {yes(low >= n and ready_low >= n and high <= n + batch)} |"]
+
+
+def idle_targets(idle: dict[str, IdleResult], workers: int) -> list[str]:
     quiet = idle["no feature"]
-    out.append(f"| idle master, {workers['idle']} idle workers, no feature: 0 wake-ups | "
-               f"{quiet.voluntary} in {quiet.window:.1f} s, {quiet.cpu_ticks} CPU ticks | "
-               f"{yes(quiet.voluntary == 0)} |")
-    return out
+    return [f"| idle master, {workers} idle workers, no feature: 0 wake-ups | "
+            f"{quiet.voluntary} in {quiet.window:.1f} s, {quiet.cpu_ticks} CPU ticks | "
+            f"{yes(quiet.voluntary == 0)} |"]
 
 
 def yes(met: bool) -> str:
     return "yes" if met else "**no**"
 
 
-def report(args: argparse.Namespace, took: float, parts: dict[str, Any]) -> list[str]:
-    w = {"status": args.status_workers, "reload": args.reload_workers, "idle": args.idle_workers}
-    cmd = "python bench/ops.py" + (" --quick" if args.quick else "")
-    lines = [
-        HEADING, "",
-        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {machine()}",
-        f"- command: `{cmd}` (from the repo root, with `.venv/bin/python`); took {took:.0f} s",
-        "", "### Targets", "",
-        *targets(parts["loop"], parts["walls"], parts["status"], parts["reload"], parts["idle"], w,
-                 args.batch),
-        "", f"### Worker loop: one worker, an empty task ({args.loop_rounds} runs per case, interleaved)", "",
+@dataclass
+class Section:
+    """One measure: how to run it, its table with a heading and text, its rows of the targets table."""
+
+    run: Callable[[Lab, argparse.Namespace], Any]
+    render: Callable[[argparse.Namespace, Any], list[str]]
+    targets: Callable[[argparse.Namespace, Any], list[str]]
+
+
+def render_loop(args: argparse.Namespace, rates: Any) -> list[str]:
+    return [
+        f"### Worker loop: one worker, an empty task ({args.loop_rounds} runs per case, interleaved)", "",
         "Each run starts an instance of one worker running `bench/ops_tasks.py:empty`; the worker "
-        f"times windows of at least 0.1 s (the clock read only at doubling call counts) and the run's "
+        "times windows of at least 0.1 s (the clock read only at doubling call counts) and the run's "
         f"figure is the fastest of its first {LOOP_WINDOWS} windows. With max_tasks = 1000000 the worker "
         "is recycled every million calls (the most max_tasks allows): windows never span a recycle. "
         "task_timeout is the master's (guards.py): the worker runs the plain loop. metrics on makes "
         "the worker count each task's duration in its slot's histogram (worker.py `_guarded_loop`).",
-        "", *loop_table(parts["loop"]),
-        "", f"### Commands' own cost ({args.cli_rounds} runs each, interleaved, medians)", "",
+        "", *loop_table(rates)]
+
+
+def render_commands(args: argparse.Namespace, result: Any) -> list[str]:
+    walls, cpus, scan = result
+    return [
+        f"### Commands' own cost ({args.cli_rounds} runs each, interleaved, medians)", "",
         "`(not running)`: an instance name nobody uses, so the command starts, finds no master and "
         "answers; that is all of its own cost. `(5 workers)`: a live instance of 5 idle workers. "
-        "Wall time from fork to exit; CPU is user + system of the command.",
-        "", *commands_table(parts["walls"], parts["cpus"]),
-        "", f"### `status` with {w['status']} workers ({args.status_rounds} runs, interleaved)", "",
+        "Wall time from fork to exit; CPU is user + system of the command. The `import` rows show "
+        "where the time goes. Bytecode caches of tprocess are written first (`compileall`, as "
+        "`pip install` does); the last row runs a copy of the package that has none (this machine "
+        "sets PYTHONDONTWRITEBYTECODE=1, so an editable install here never gets any).",
+        "", *commands_table(walls, cpus), "",
+        f"`status` and `stop` of an instance that is not running look for its leftover workers in /proc: "
+        f"{scan[0]:.2f} ms for the {scan[1]} processes on the machine during the run "
+        f"({scan[0] / scan[1] * 1000:.1f} µs each, median of 20 scans in this process).",
+    ]
+
+
+def render_status(args: argparse.Namespace, times: Any) -> list[str]:
+    return [
+        f"### `status` with {args.status_workers} workers ({args.status_rounds} runs, interleaved)", "",
         "The CLI commands are timed from fork to exit; the round trip is one status request "
         "over the control socket from this script (connect, send, the master's answer, parse).",
-        "", *status_table(parts["status"]),
-        "", f"### Rolling reload of {w['reload']} workers, reload_batch = {args.batch}", "",
+        "", *status_table(times)]
+
+
+def render_reload(args: argparse.Namespace, rolls: Any) -> list[str]:
+    return [
+        f"### Rolling reload of {args.reload_workers} workers, reload_batch = {args.batch}", "",
         "Workers run `ops_tasks.py:idle` (ctx.sleep(0.5) in a loop). During each `tprocess reload` the "
         "script samples, one after the other: the master's children in /proc (live, titled "
         f"`NAME-{GROUP}-I`; \"all children\" also counts one just forked and not yet retitled, "
@@ -656,15 +724,48 @@ def report(args: argparse.Namespace, took: float, parts: dict[str, Any]) -> list
         "over the control socket (workers of the group whose state is `idle` or `busy`, i.e. "
         "past setup). The first sample is taken before the reload, the last after it returned. "
         "Setup 0.1 s: each worker's setup sleeps 0.1 s, like opening a connection.",
-        "", *reload_table(parts["reload"], w["reload"], args.batch),
-        "", f"### Idle master with {w['idle']} idle workers ({args.window:.0f} s window each)", "",
+        "", *reload_table(rolls, args.reload_workers, args.batch)]
+
+
+def render_idle(args: argparse.Namespace, results: Any) -> list[str]:
+    return [
+        f"### Idle master with {args.idle_workers} idle workers ({args.window:.0f} s window each)", "",
         "Workers wait in ctx.sleep(0.5) again and again. Wake-ups = the master's voluntary context "
         "switches (/proc/PID/status) over the window, which begins 1 s after `start -d` returned; "
         "nothing talks to the master in the window except in the row that says so. CPU = utime + "
         "stime of the master (resolution one tick, 10 ms).",
-        "", *idle_table(parts["idle"]), "",
+        "", *idle_table(results)]
+
+
+SECTIONS = {
+    "loop": Section(lambda lab, a: bench_loop(lab, a.loop_rounds), render_loop,
+                    lambda a, r: loop_targets(r)),
+    "commands": Section(lambda lab, a: bench_commands(lab, a.cli_rounds), render_commands,
+                        lambda a, r: commands_targets(r[0])),
+    "status": Section(lambda lab, a: bench_status_500(lab, a.status_rounds, a.status_workers),
+                      render_status, lambda a, r: status_targets(r)),
+    "reload": Section(lambda lab, a: bench_reload(lab, a.reload_rounds, a.reload_workers, a.batch),
+                      render_reload, lambda a, r: reload_targets(r, a.reload_workers, a.batch)),
+    "idle": Section(lambda lab, a: bench_idle(lab, a.idle_workers, a.window), render_idle,
+                    lambda a, r: idle_targets(r, a.idle_workers)),
+}
+
+
+def report(args: argparse.Namespace, took: float, results: dict[str, Any]) -> list[str]:
+    cmd = "python bench/ops.py" + (" --quick" if args.quick else "") + \
+        (f" --only {args.only}" if args.only else "")
+    lines = [
+        HEADING, "",
+        f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- machine: {machine()}",
+        f"- command: `{cmd}` (from the repo root, with `.venv/bin/python`); took {took:.0f} s",
+        "", "### Targets", "", "| target | measured | met? |", "| --- | --- | --- |",
     ]
-    return lines
+    for name, result in results.items():
+        lines += SECTIONS[name].targets(args, result)
+    for name, result in results.items():
+        lines += ["", *SECTIONS[name].render(args, result)]
+    return lines + [""]
 
 
 def write_into(path: str, lines: list[str]) -> None:
@@ -704,7 +805,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", help="write the markdown section to this file")
     ap.add_argument("--append", metavar="FILE",
                     help=f"put the section into FILE (replacing an earlier '{HEADING}')")
+    ap.add_argument("--only", default="", help=f"comma-separated sections of {', '.join(SECTIONS)}")
     args = ap.parse_args()
+    args.sections = [s for s in args.only.split(",") if s] or list(SECTIONS)
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        ap.error(f"--only: no section {', '.join(sorted(unknown))}; sections: {', '.join(SECTIONS)}")
     quick = args.quick
     args.loop_rounds = 3 if quick else 5
     args.cli_rounds = 10 if quick else 30
@@ -723,15 +829,11 @@ def main() -> int:
     lab = Lab()
     began = time.monotonic()
     log(f"tprocess ops bench, scratch {lab.root}")
+    results: dict[str, Any] = {}
     try:
-        parts: dict[str, Any] = {}
-        parts["loop"] = bench_loop(lab, args.loop_rounds)
-        parts["walls"], parts["cpus"] = bench_commands(lab, args.cli_rounds)
-        log("commands: done")
-        parts["status"] = bench_status_500(lab, args.status_rounds, args.status_workers)
-        log("status of 500: done")
-        parts["reload"] = bench_reload(lab, args.reload_rounds, args.reload_workers, args.batch)
-        parts["idle"] = bench_idle(lab, args.idle_workers, args.window)
+        for name in args.sections:
+            results[name] = SECTIONS[name].run(lab, args)
+            log(f"{name}: done")
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
@@ -741,7 +843,7 @@ def main() -> int:
     finally:
         lab.close()
         reap_children()
-    lines = report(args, time.monotonic() - began, parts)
+    lines = report(args, time.monotonic() - began, results)
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as fh:
