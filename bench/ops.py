@@ -404,25 +404,32 @@ def bench_status_500(lab: Lab, rounds: int, workers: int) -> dict[str, list[floa
         }
         times: dict[str, list[float]] = {label: [] for label in commands}
         times["control round trip (in process)"] = []
+        cpus: dict[str, list[float]] = {label: [] for label in commands}
         for argv in commands.values():
             measure_command(argv)
         for _ in range(rounds):
             for label, argv in commands.items():
-                times[label].append(measure_command(argv)[0] * 1000)
+                wall, cpu = measure_command(argv)
+                times[label].append(wall * 1000)
+                cpus[label].append(cpu * 1000)
             began = time.monotonic()
             reply = inst.status()
             times["control round trip (in process)"].append((time.monotonic() - began) * 1000)
             if len(reply["workers"]) != workers:
                 raise BenchError(f"status listed {len(reply['workers'])} workers, not {workers}")
-    return times
+    return times, cpus
 
 
-def status_table(times: dict[str, list[float]]) -> list[str]:
-    base = med(times["python -c pass"])
-    out = ["| what | median ms | min | max | over python -c pass |", "|---|---:|---:|---:|---:|"]
+def status_table(times: dict[str, list[float]], cpus: dict[str, list[float]]) -> list[str]:
+    base, base_cpu = med(times["python -c pass"]), med(cpus["python -c pass"])
+    out = ["| what | wall ms (median) | min | max | over python -c pass | CPU ms | CPU over |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
     for label, values in times.items():
         over = f"{med(values) - base:+.1f} ms" if label.startswith("tprocess") else ""
-        out.append(f"| `{label}` | {med(values):.1f} | {min(values):.1f} | {max(values):.1f} | {over} |")
+        cpu = f"{med(cpus[label]):.1f}" if label in cpus else ""
+        cpu_over = f"{med(cpus[label]) - base_cpu:+.1f} ms" if label.startswith("tprocess") else ""
+        out.append(f"| `{label}` | {med(values):.1f} | {min(values):.1f} | {max(values):.1f} | {over} | "
+                   f"{cpu} | {cpu_over} |")
     return out
 
 
@@ -609,6 +616,11 @@ def idle_table(results: dict[str, IdleResult]) -> list[str]:
 # --- report ---------------------------------------------------------------------------------------
 
 
+def loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
 def machine() -> str:
     cpu = "?"
     try:
@@ -630,21 +642,25 @@ def loop_targets(loop: dict[str, list[float]]) -> list[str]:
             f"({extra:+.0f} ns over every feature off) | {yes(1e9 / all_on < LOOP_TARGET_NS)} |"]
 
 
-def commands_targets(walls: dict[str, list[float]]) -> list[str]:
+def commands_targets(walls: dict[str, list[float]], cpus: dict[str, list[float]]) -> list[str]:
     out = []
-    py = med(walls["python -c pass"])
+    py, py_cpu = med(walls["python -c pass"]), med(cpus["python -c pass"])
     for cmd in ("status", "stop", "scale 3", "reload"):
-        wall = med(walls[f"tprocess {cmd} (not running)"])
+        label = f"tprocess {cmd} (not running)"
+        wall, cpu = med(walls[label]), med(cpus[label])
         met = yes(wall - py <= COMMAND_TARGET_MS)
         out.append(f"| `tprocess {cmd}` within 25 ms of `python -c pass` | {wall:.1f} ms against "
-                   f"{py:.1f} ms: {wall - py:+.1f} ms, x{wall / py:.2f} | {met} |")
+                   f"{py:.1f} ms: {wall - py:+.1f} ms, x{wall / py:.2f} (CPU {cpu - py_cpu:+.1f} ms) "
+                   f"| {met} |")
     return out
 
 
-def status_targets(status: dict[str, list[float]]) -> list[str]:
-    label = next(k for k in status if k.startswith("tprocess status --json"))
-    js = med(status[label])
-    return [f"| `{label}` within 100 ms | {js:.1f} ms (max {max(status[label]):.1f} ms) | "
+def status_targets(result: tuple[dict[str, list[float]], dict[str, list[float]]]) -> list[str]:
+    times, cpus = result
+    label = next(k for k in times if k.startswith("tprocess status --json"))
+    js = med(times[label])
+    return [f"| `{label}` within 100 ms | {js:.1f} ms (max {max(times[label]):.1f} ms; CPU "
+            f"{med(cpus[label]):.1f} ms; `python -c pass` {med(times['python -c pass']):.1f} ms) | "
             f"{yes(js <= STATUS_TARGET_MS)} |"]
 
 
@@ -706,12 +722,12 @@ def render_commands(args: argparse.Namespace, result: Any) -> list[str]:
     ]
 
 
-def render_status(args: argparse.Namespace, times: Any) -> list[str]:
+def render_status(args: argparse.Namespace, result: Any) -> list[str]:
     return [
         f"### `status` with {args.status_workers} workers ({args.status_rounds} runs, interleaved)", "",
         "The CLI commands are timed from fork to exit; the round trip is one status request "
         "over the control socket from this script (connect, send, the master's answer, parse).",
-        "", *status_table(times)]
+        "", *status_table(*result)]
 
 
 def render_reload(args: argparse.Namespace, rolls: Any) -> list[str]:
@@ -741,7 +757,7 @@ SECTIONS = {
     "loop": Section(lambda lab, a: bench_loop(lab, a.loop_rounds), render_loop,
                     lambda a, r: loop_targets(r)),
     "commands": Section(lambda lab, a: bench_commands(lab, a.cli_rounds), render_commands,
-                        lambda a, r: commands_targets(r[0])),
+                        lambda a, r: commands_targets(r[0], r[1])),
     "status": Section(lambda lab, a: bench_status_500(lab, a.status_rounds, a.status_workers),
                       render_status, lambda a, r: status_targets(r)),
     "reload": Section(lambda lab, a: bench_reload(lab, a.reload_rounds, a.reload_workers, a.batch),
@@ -757,7 +773,7 @@ def report(args: argparse.Namespace, took: float, results: dict[str, Any]) -> li
     lines = [
         HEADING, "",
         f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
-        f"- machine: {machine()}",
+        f"- machine: {machine()}; load average {args.load_before} at the start, {loadavg()} at the end",
         f"- command: `{cmd}` (from the repo root, with `.venv/bin/python`); took {took:.0f} s",
         "", "### Targets", "", "| target | measured | met? |", "| --- | --- | --- |",
     ]
@@ -827,6 +843,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, interrupt)
     become_subreaper()
     lab = Lab()
+    args.load_before = loadavg()
     began = time.monotonic()
     log(f"tprocess ops bench, scratch {lab.root}")
     results: dict[str, Any] = {}
