@@ -31,6 +31,7 @@ soak: setup
 
 bench: setup
 	$(PY) bench/run.py --out BENCHMARKS.md
+	$(PY) bench/ops.py --append BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -154,6 +154,24 @@ def test_fast_commands_import_nothing_heavy(inst, args):
     assert not loaded & FORBIDDEN_ON_THE_FAST_PATH, sorted(loaded & FORBIDDEN_ON_THE_FAST_PATH)
 
 
+def test_status_of_a_running_instance_reads_memory_from_proc_without_psutil(inst):
+    """`status --json` of 500 workers: psutil's import and objects cost about 30 ms (bench/ops.py)."""
+    inst.write("jobs.py", "def work(ctx):\n    ctx.sleep(1)\n")
+    inst.start("jobs.py:work", "-n", "2")
+    code = ("import sys\nfrom tprocess.cli import run\n"
+            f"run(['status', '--json', '--name', {inst.name!r}])\n"
+            "print(' '.join(sorted(sys.modules)), file=sys.stderr)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "psutil" not in result.stderr.split()
+    reply = json.loads(result.stdout)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for proc in [reply["master"], *reply["workers"]]:
+        with open(f"/proc/{proc['pid']}/statm") as fh:
+            resident = int(fh.read().split()[1]) * page
+        assert 1 << 20 < proc["rss"] and abs(proc["rss"] - resident) < 4 << 20, (proc, resident)
+
+
 # --- reload and scale ------------------------------------------------------------------------
 
 

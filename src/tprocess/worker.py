@@ -195,6 +195,9 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
             logs.log.error("setup of %s failed:\n%s", spec.title, text.rstrip())
             _report(spec, b"E %d\n" % ctx.pid + text.encode(errors="replace")[-60000:])
             return EXIT_SETUP_FAILED
+    # past setup and not yet in a task: idle, before the master learns it is ready, so that
+    # `status` never shows a ready worker as starting (a roll would seem one worker short)
+    spec.slot.state = IDLE
     _report(spec, b"R %d" % ctx.pid)
     if spec.jobs is not None:  # a queue group: task(ctx, job) once per job
         from .queue.serving import serve_jobs

@@ -1,0 +1,37 @@
+"""A worker is `idle` in its slot before it tells the master it is ready.
+
+Otherwise, between the ready message and its first task, `status` shows a worker the
+master already counts as ready as `starting`: bench/ops.py saw a rolling reload of 100
+workers "drop" to 99 past setup, while the process table never had fewer than 100.
+"""
+
+from __future__ import annotations
+
+from tprocess import worker
+from tprocess.slots import STARTING, WORDS_PER_SLOT, Slot
+
+
+class Report:
+    """Stands for the report socket: notes the slot's state when the ready message goes out."""
+
+    def __init__(self, slot: Slot) -> None:
+        self.slot = slot
+        self.states: list[int] = []
+
+    def send(self, message: bytes) -> None:
+        self.states.append(self.slot.state)
+
+
+def test_the_slot_leaves_starting_before_the_ready_message(tmp_path):
+    slot = Slot(memoryview(bytearray(8 * WORDS_PER_SLOT)).cast("Q"), 0)
+    slot.state = STARTING
+
+    def task(ctx):
+        raise SystemExit(0)
+
+    report = Report(slot)
+    spec = worker.WorkerSpec(title="t-0", group="", index=0, task=task, setup=lambda ctx: None,
+                             teardown=None, slot=slot, report=report, master_pid=0)  # type: ignore[arg-type]
+    ctx = worker.Context("t-0", "", 0, slot, wake_fd=-1)
+    assert worker._serve(spec, ctx) == worker.EXIT_OK
+    assert len(report.states) == 1 and report.states[0] != STARTING
