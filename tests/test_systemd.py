@@ -176,6 +176,23 @@ def test_ready_only_after_every_setup_with_a_readable_status(inst, systemd):
 
 
 @pytest.mark.timeout(60)
+def test_reload_sends_reloading_then_ready_once_the_roll_is_done(inst, systemd):
+    proc, records = start_notified(inst, systemd, workers=2)
+    systemd.wait_for("READY", "1")
+    setups = len(records_of(records, "setup"))
+    os.kill(proc.pid, signal.SIGHUP)  # systemctl reload, or ExecReload=tprocess reload
+    reloading = systemd.wait_for("RELOADING", "1")
+    assert int(reloading.fields["MONOTONIC_USEC"]) > 0 and reloading.pid == proc.pid
+    ready = systemd.wait_for("READY", "1")
+    # READY=1 again only once both new workers are through their (slow) setup
+    assert len(records_of(records, "setup")) == setups + 2, systemd.received
+    assert ready.fields["STATUS"] == "2 workers running, generation 2", ready
+    os.kill(proc.pid, signal.SIGTERM)
+    systemd.wait_for("STOPPING", "1")
+    finish(proc)
+
+
+@pytest.mark.timeout(60)
 def test_abstract_address_and_no_notify_variables_in_workers(inst, abstract_systemd):
     proc, records = start_notified(inst, abstract_systemd, task="env_report",
                                    WATCHDOG_USEC="60000000")
