@@ -105,6 +105,28 @@ def settled(broker: str) -> bool:
     return s["waiting"] == s["delayed"] == s["running"] == 0
 
 
+# --- reload and scale of a queue group -----------------------------------------------------------
+
+
+def test_reload_and_scale_of_a_queue_group_lose_and_cut_no_job(inst, broker_url):
+    setup_instance(inst, broker_url, workers=2)
+    ids = enqueue(inst, broker_url, [{"n": n, "sleep": 0.05} for n in range(120)])
+    inst.start("-c", "tprocess.toml")
+    inst.wait_workers(2)
+    wait_for(lambda: len(ended(inst.dir)) >= 10, timeout=30, what="jobs flowing")
+    # a reload sets the group back to the file's 2 workers; each command waits for its workers
+    for args in (("scale", "4"), ("reload",), ("scale", "-1")):
+        result = inst.run(*args)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    wait_for(lambda: len(ended(inst.dir)) == 120, timeout=60, what="every job done")
+    done = ended(inst.dir)
+    assert set(done) == set(ids) and set(done.values()) == {1}, "a job lost or done twice"
+    started = {e[1] for e in events(inst.dir) if e[0] == "S"}
+    assert started == set(done), "a job started and never ended: cut by a retiring worker"
+    wait_for(lambda: settled(broker_url), timeout=10, what="nothing waiting or running")
+    assert inst.stop().returncode == 0
+
+
 # --- jobs processed once, failures, dead letters ------------------------------------------------
 
 
