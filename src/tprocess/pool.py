@@ -18,6 +18,7 @@ new generation, under the same title, that takes the position once it is ready.
 from __future__ import annotations
 
 import enum
+import time
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -122,6 +123,7 @@ class Pool:
 
     def add_group(self, group: GroupConfig, generation: int) -> Group:
         g = Group(group.name, generation, group.workers)
+        g.rates.append((time.monotonic(), 0))  # the first rate asked for is the average since now
         self.groups[group.name] = g
         return g
 

@@ -146,7 +146,7 @@ def group_lines(status: dict[str, Any]) -> list[str]:
     for g in group_summaries(status):
         rate, window = g["tasks_per_sec"], g["rate_window"]
         rate_text = f"{rate:.1f}" if isinstance(rate, int | float) else "-"
-        window_text = f" (last {window:g}s)" if isinstance(window, int | float) else ""
+        window_text = f" (last {format_seconds(window)})" if isinstance(window, int | float) else ""
         lines.append(f"group {g['name'] or '(unnamed)'}: {g['running']}/{g['workers']} workers, "
                      f"{g['tasks']} tasks, {rate_text} tasks/s{window_text}, "
                      f"restarts: {restarts_text(g['restarts'])}"
