@@ -88,7 +88,8 @@ def test_bad_input_is_one_line_and_exit_2(broker_url, monkeypatch, capsys, argv,
 
 
 def test_config_file_broker_and_default_state_folder(tmp_path, monkeypatch, capsys):
-    (tmp_path / "tprocess.toml").write_text('name = "crawl"\nbroker = "sqlite://data/q.sqlite3"\n')
+    (tmp_path / "tprocess.toml").write_text('name = "crawl"\nbroker = "sqlite://data/q.sqlite3"\n'
+                                            '[groups.ip]\ntask = "jobs.py:scan"\nqueue = "ip"\n')
     assert run(["enqueue", "-c", str(tmp_path / "tprocess.toml"), "ip", "1"], monkeypatch) != 0
     assert "does not exist" in capsys.readouterr().err  # relative to the file's folder, which lacks data/
     (tmp_path / "data").mkdir()
@@ -100,10 +101,12 @@ def test_config_file_broker_and_default_state_folder(tmp_path, monkeypatch, caps
 
 
 def test_stdin_load_as_a_real_process(broker_url, tmp_path):
-    """`cat jobs.jsonl | tprocess enqueue ip` (as `python -m tprocess.queue` until cli.py wires it)."""
+    """`cat jobs.jsonl | tprocess enqueue ip`, the real command."""
+    from helpers import TPROCESS
+
     count = 100_000
     data = "".join(f'{{"ip": "10.0.{n // 256 % 256}.{n % 256}", "n": {n}}}\n' for n in range(count))
-    done = subprocess.run([sys.executable, "-m", "tprocess.queue", "enqueue", "--broker", broker_url, "ip"],
+    done = subprocess.run([TPROCESS, "enqueue", "--broker", broker_url, "ip"],
                           input=data.encode(), capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     print(done.stderr.decode().strip())  # the measured rate, for the report

@@ -1,4 +1,4 @@
-"""The `tprocess` command: start, stop, status, top, logs, reload, scale.
+"""The `tprocess` command: start, stop, status, top, logs, reload, scale, enqueue, queue.
 
 Exit codes: 0 success; 1 a command failed at run time (start-up failed, stop had
 to kill a worker mid-task, the instance is not running for logs/reload/scale, a
@@ -168,6 +168,14 @@ def add_options(command: str, parser: argparse.ArgumentParser) -> dict[str, str]
     if command == "start":
         _start_arguments(args)
         return args.value_flags
+    if command in ("enqueue", "queue"):  # the queue package is imported for these two only
+        from .queue import commands as queue_commands
+
+        if command == "enqueue":
+            queue_commands.add_enqueue_arguments(parser)
+        else:
+            queue_commands.add_queue_arguments(parser)
+        return dict(queue_commands.VALUE_FLAGS)
     args.instance()
     if command == "stop":
         args.value("--timeout", type=_seconds, metavar="S",
@@ -363,6 +371,10 @@ def status(args: argparse.Namespace) -> int:
         raise UserError(f"the master of {name!r} did not answer: {exc or type(exc).__name__}",
                         EXIT_FAILED) from None
     _add_memory(reply)
+    if reply.get("broker"):
+        from .queue.depth import add_queue_depths  # only for an instance with queue groups
+
+        add_queue_depths(reply)
     if args.as_json:
         import json
 
@@ -431,6 +443,11 @@ def scale(args: argparse.Namespace) -> int:
     return scale_command(_instance_name(args), args.group, count)
 
 
+def run_queue_command(args: argparse.Namespace) -> int:
+    """enqueue, queue ACTION: their handlers print their own one-line errors (queue/commands.py)."""
+    return args.func(args)
+
+
 # name -> (summary, handler); the order of --help
 COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "start": ("Start an instance running TASK (FILE.py:function or module:function), "
@@ -442,4 +459,8 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
     "reload": ("Replace every worker with one running the current code and config, one at a time; "
                "returns when done.", reload),
     "scale": ("Set a group's number of workers: COUNT, or +K / -K.", scale),
+    "enqueue": ("Add jobs to a queue: JSON arguments, or one JSON document per line of standard input.",
+                run_queue_command),
+    "queue": ("See and handle the jobs of queues: stats, dead QUEUE, retry QUEUE [ID ...], purge QUEUE.",
+              run_queue_command),
 }

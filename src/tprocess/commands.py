@@ -172,6 +172,7 @@ class Commands:
             "master": {"pid": m.pid, "state": state, "uptime": now - m.started_at,
                        "generation": m.generation},
             "groups": [self._group_status(g, now) for g in m.pool.groups.values()],
+            "broker": m.config.broker_url() if m.config.queue_groups() else None,  # clients read depths
             "workers": [self._worker_status(w, now, now_ns) for w in m.pool.all_workers()],
         }
         lines = (request or {}).get("log_lines")
@@ -195,7 +196,15 @@ class Commands:
             "tasks": tasks, "errors": errors, "tasks_per_sec": rate, "rate_window": window,
             "restarts": {reason: g.restarts.get(reason, 0) for reason in REASONS},
             "states": states, "durations": self._durations(g, workers),
+            "queue": self._queue_of(g.name),
         }
+
+    def _queue_of(self, group: str) -> dict[str, Any] | None:
+        """The group's queue by name; its depth is filled in by the client (the master never
+        waits for a broker)."""
+        config = self.m.config.group(group)
+        queue = getattr(config, "queue", None) if config is not None else None
+        return {"name": queue} if queue else None
 
     def _durations(self, g: Any, workers: list[Worker]) -> dict[str, Any] | None:
         if not getattr(self.m.config, "metrics", None):

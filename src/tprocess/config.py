@@ -34,6 +34,12 @@ DEFAULT_MIN_UPTIME = 1.0
 DEFAULT_MAX_FAILURES = 10
 DEFAULT_BACKOFF_MAX = 30.0
 DEFAULT_RELOAD_BATCH = 1
+# work queues (a group with `queue`)
+DEFAULT_JOB_TIMEOUT = 300.0  # a job unacknowledged this long is delivered again
+DEFAULT_MAX_RETRIES = 3
+DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; doubles per attempt (capped)
+MAX_RETRIES_LIMIT = 1000
+MAX_CONCURRENCY = 10_000
 SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|[KMGT]|B)?\s*", re.IGNORECASE)
 SIZE_UNITS = {
     "": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
@@ -62,6 +68,11 @@ class GroupConfig:
     max_tasks: int | None = None  # recycle a worker after this many tasks
     max_memory: int | str | None = None  # recycle a worker whose RSS grew past this (bytes or "512MiB")
     reload_batch: int | None = None  # workers replaced at a time by a rolling reload
+    queue: str | None = None  # the task runs once per job of this queue: task(ctx, job)
+    job_timeout: float | None = None  # a job unacknowledged this long is delivered again
+    max_retries: int | None = None  # retries of a failing job before it is dead-lettered
+    retry_delay: float | None = None  # seconds before the first retry, doubling
+    concurrency: int | None = None  # async tasks: jobs in flight (or loops) per worker
     refs: dict[str, TaskRef] = field(default_factory=dict, repr=False)  # as written, before import
 
     def title(self, prefix: str, index: int) -> str:
@@ -82,6 +93,7 @@ class Config:
     max_workers: int = DEFAULT_MAX_WORKERS
     reload_batch: int = DEFAULT_RELOAD_BATCH
     metrics: str | int | None = None  # "HOST:PORT" the metrics process serves; None: off
+    broker: str | None = None  # the queues' broker URL; None: the instance's default SQLite file
     base_dir: str = field(default_factory=os.getcwd)  # task paths are relative to it
     source: str = "command line"
     path: str | None = None  # the config file's absolute path: what a reload reads again
@@ -101,6 +113,17 @@ class Config:
 
     def group_reload_batch(self, group: GroupConfig) -> int:
         return int(_first(group.reload_batch, self.reload_batch))
+
+    def queue_groups(self) -> list[GroupConfig]:
+        return [g for g in self.groups if g.queue]
+
+    def broker_url(self) -> str:
+        """The broker every queue group uses: `broker`, or the instance's default SQLite file."""
+        if self.broker is not None:
+            return self.broker
+        from .queue.urls import default_broker_url
+
+        return default_broker_url(self.name)
 
     def total_workers(self) -> int:
         return sum(g.workers for g in self.groups)
@@ -122,12 +145,15 @@ def _first(value: Any, default: Any) -> Any:
 TOP_KEYS = {
     "name", "graceful_timeout", "log_file", "groups",
     "min_uptime", "max_failures", "backoff_max", "max_workers", "reload_batch", "metrics",
+    "broker",
 }
 GROUP_KEYS = {
     "task", "workers", "setup", "teardown", "graceful_timeout",
     "min_uptime", "max_failures", "backoff_max",
     "task_timeout", "setup_timeout", "max_tasks", "max_memory", "reload_batch",
+    "queue", "job_timeout", "max_retries", "retry_delay", "concurrency",
 }
+JOB_KEYS = ("job_timeout", "max_retries", "retry_delay")  # meaningful only with a queue
 
 
 def check_group_name(name: Any, where: str) -> str:
@@ -197,6 +223,13 @@ def validate(config: Config) -> Config:
         from .listen import parse_address  # it imports this module
 
         parse_address(config.metrics, f"{src}: metrics")
+    if config.broker is not None:
+        from .queue.urls import parse_broker_url  # it imports this module
+
+        try:
+            config.broker = parse_broker_url(config.broker, config.base_dir).url
+        except ConfigError as exc:
+            raise ConfigError(f"{src}: {exc}") from None
     if not config.groups:
         raise ConfigError(f"{src}: no groups: give a task, or at least one [groups.NAME] table")
     seen: set[str] = set()
@@ -220,6 +253,7 @@ def validate(config: Config) -> Config:
         if group.max_failures is not None:
             check_count(group.max_failures, f"{where}: max_failures")
         _check_guards(group, where)
+        _check_queue_keys(group, where)
     check_worker_limit(config.max_workers, f"{src}: max_workers")
     check_count(config.reload_batch, f"{src}: reload_batch")
     if config.total_workers() > MAX_WORKERS:
@@ -243,6 +277,35 @@ def _check_guards(group: GroupConfig, where: str) -> None:
             check_count(getattr(group, key), f"{where}: {key}")
     if group.max_memory is not None:
         group.max_memory = check_size(group.max_memory, f"{where}: max_memory")
+
+
+def _check_queue_keys(group: GroupConfig, where: str) -> None:
+    """`queue` and the job options; the job options need a queue."""
+    if group.queue is not None:
+        from .queue.jobs import check_queue_name  # it imports this module
+
+        try:
+            check_queue_name(group.queue)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: queue: {exc}") from None
+    else:
+        for key in JOB_KEYS:
+            if getattr(group, key) is not None:
+                raise ConfigError(f"{where}: {key}: only for a group with a queue (set `queue`)")
+    if group.job_timeout is not None:
+        check_seconds(group.job_timeout, f"{where}: job_timeout", allow_zero=False)
+    if group.retry_delay is not None:
+        check_seconds(group.retry_delay, f"{where}: retry_delay")
+    if group.max_retries is not None:
+        value = group.max_retries
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_RETRIES_LIMIT:
+            raise ConfigError(f"{where}: max_retries: expected a whole number from 0 to "
+                              f"{MAX_RETRIES_LIMIT}, got {_show(value)}")
+    if group.concurrency is not None:
+        value = group.concurrency
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+            raise ConfigError(f"{where}: concurrency: expected a whole number from 1 to "
+                              f"{MAX_CONCURRENCY}, got {_show(value)}")
 
 
 # --- TOML -----------------------------------------------------------------------

@@ -33,7 +33,10 @@ def resolve_config(config: Config) -> None:
                 ref = getattr(group, key)
                 if ref is not None:
                     group.refs.setdefault(key, ref)
-                    setattr(group, key, resolve(ref, config.base_dir, f"{where}: {key}", takes_ctx=True))
+                    jobs = key == "task" and bool(getattr(group, "queue", None))  # task(ctx, job)
+                    setattr(group, key, resolve(ref, config.base_dir, f"{where}: {key}", takes_ctx=True,
+                                                takes_job=jobs))
+            _check_concurrency(group, where)
     finally:
         _user_modules.update(name for name in set(sys.modules) - before if _is_user_code(sys.modules[name]))
 
@@ -92,12 +95,43 @@ def _is_user_code(module: ModuleType | None) -> bool:
     return not os.path.realpath(filename).startswith(_installed_dirs())
 
 
-def resolve(ref: TaskRef, base_dir: str, where: str, takes_ctx: bool = True) -> Callable[..., Any]:
-    """Import a reference and return a callable taking one argument (ctx)."""
+def _check_concurrency(group: Any, where: str) -> None:
+    """`concurrency` above 1 needs an `async def` task: a plain one runs one call at a time."""
+    concurrency = getattr(group, "concurrency", None)
+    if concurrency and concurrency > 1:
+        from .aio import is_async
+
+        if not is_async(group.task):
+            raise ConfigError(f"{where}: concurrency: {concurrency} needs an `async def` task; "
+                              f"{getattr(group.task, '__qualname__', group.task)!r} is a plain function")
+
+
+def resolve(ref: TaskRef, base_dir: str, where: str, takes_ctx: bool = True,
+            takes_job: bool = False) -> Callable[..., Any]:
+    """Import a reference and return a callable taking one argument (ctx), or two (ctx, job) for
+    the task of a group with a queue."""
     func = ref if callable(ref) else _import_ref(ref, base_dir, where)
     if not callable(func):
         raise ConfigError(f"{where}: {ref!r} is not callable (it is a {type(func).__name__})")
+    if takes_job:
+        return _check_job_task(func, where)
     return _adapt(func, where) if takes_ctx else func
+
+
+def _check_job_task(func: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """A queue group's task is called as task(ctx, job): its signature must accept that."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return func  # builtins and the like: trust the caller
+    try:
+        sig.bind(None, None)
+    except TypeError:
+        raise ConfigError(
+            f"{where}: {getattr(func, '__qualname__', func)!r} is the task of a queue group: it must take "
+            f"two arguments (ctx, job); its signature is {sig}"
+        ) from None
+    return func
 
 
 def _import_ref(ref: str, base_dir: str, where: str) -> Any:
@@ -190,8 +224,12 @@ def _adapt(func: Callable[..., Any], where: str) -> Callable[..., Any]:
             f"or none; its signature is {sig}"
         ) from None
 
-    def call_without_ctx(ctx: Any, _func: Callable[[], Any] = func) -> Any:
-        return _func()
+    if inspect.iscoroutinefunction(func):
+        async def call_without_ctx(ctx: Any, _func: Callable[[], Any] = func) -> Any:  # type: ignore[misc]
+            return await _func()
+    else:
+        def call_without_ctx(ctx: Any, _func: Callable[[], Any] = func) -> Any:
+            return _func()
 
     call_without_ctx.__qualname__ = getattr(func, "__qualname__", "task")
     return call_without_ctx

@@ -256,6 +256,7 @@ class Master:
             slot=slot, report=self.report_w, master_pid=self.pid,
             max_tasks=group.max_tasks or 0, max_memory=int(group.max_memory or 0),
             histogram=bool(getattr(self.config, "metrics", None)),
+            jobs=worker.jobs_of(self.config, group), concurrency=group.concurrency or 1,  # work queues
         )
         slot.prepare_spawn()  # not the state its predecessor died in
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping

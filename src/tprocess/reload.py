@@ -17,7 +17,7 @@ from .loader import reload_code
 from .pool import Pool
 
 TOP_LEVEL = ("graceful_timeout", "min_uptime", "max_failures", "backoff_max", "log_file",
-             "max_workers", "reload_batch", "metrics", "base_dir", "source")
+             "max_workers", "reload_batch", "metrics", "base_dir", "source", "broker")
 
 
 def load_generation(current: Config, pool: Pool) -> Config:

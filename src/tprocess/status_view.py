@@ -136,6 +136,7 @@ def _summary(group: dict[str, Any], workers: list[dict[str, Any]]) -> dict[str, 
         "restarts": restarts,
         "tasks_per_sec": group.get("tasks_per_sec"),
         "rate_window": group.get("rate_window"),
+        "queue": group.get("queue") if isinstance(group.get("queue"), dict) else None,
     }
 
 
@@ -148,8 +149,22 @@ def group_lines(status: dict[str, Any]) -> list[str]:
         window_text = f" (last {window:g}s)" if isinstance(window, int | float) else ""
         lines.append(f"group {g['name'] or '(unnamed)'}: {g['running']}/{g['workers']} workers, "
                      f"{g['tasks']} tasks, {rate_text} tasks/s{window_text}, "
-                     f"restarts: {restarts_text(g['restarts'])}")
+                     f"restarts: {restarts_text(g['restarts'])}"
+                     + (f", queue {queue_text(g['queue'])}" if g["queue"] else ""))
     return lines
+
+
+def queue_text(queue: dict[str, Any] | None) -> str:
+    """`ip: 120 waiting, 0 delayed, 5 running, 2 dead` (the depth the client read from the broker)."""
+    if not queue:
+        return "-"
+    name = str(queue.get("name", "?"))
+    if queue.get("error"):
+        return f"{name}: broker error: {queue['error']}"
+    if "waiting" not in queue:
+        return name
+    return (f"{name}: {queue.get('waiting')} waiting, {queue.get('delayed')} delayed, "
+            f"{queue.get('running')} running, {queue.get('dead')} dead")
 
 
 def restarts_text(restarts: Any) -> str:

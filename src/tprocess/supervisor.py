@@ -55,6 +55,8 @@ class Supervisor:
         if self.config.metrics is not None:
             listen.check_installed()
         resolve_config(self.config)
+        if self.config.queue_groups():
+            check_broker(self.config)
         too_low = output.raise_fd_limit(self.config.total_workers())
         if too_low:
             raise StartError(too_low)
@@ -134,6 +136,32 @@ class Supervisor:
             print(f"tprocess: killed {ref.describe()} after {self.config.graceful_timeout:g}s",
                   file=sys.stderr)
         return leftovers
+
+
+def check_broker(config: Config) -> None:
+    """Open the queues' broker and make it answer, then close it: before anything is forked, a
+    malformed or unreachable broker is one error line (ConfigError: usage, StartError: run time)."""
+    from .queue.jobs import BrokerError
+    from .queue.urls import open_broker
+
+    url = config.broker_url()
+    if config.broker is None:  # the default file: its folder is ours to create
+        folder = os.path.dirname(url.removeprefix("sqlite://"))
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise StartError(f"broker {url}: state folder {folder!r}: {exc.strerror}") from None
+    try:
+        broker = open_broker(url, retry_for=0)
+    except ImportError as exc:
+        raise ConfigError(f"{config.source}: broker {url!r}: needs the {exc.name or 'redis'} package: "
+                          "pip install 'tprocess[redis]'") from None
+    try:
+        broker.check()
+    except BrokerError as exc:
+        raise StartError(f"broker unreachable: {exc}") from None
+    finally:
+        broker.close()
 
 
 def one_task_config(name: str, task: TaskRef, workers: int, **options: Any) -> Config:

@@ -41,6 +41,7 @@ from .status_view import (
     format_seconds,
     format_uptime,
     group_summaries,
+    queue_text,
     restarts_text,
 )
 
@@ -292,7 +293,7 @@ def _groups_table(model: TopModel, shown: list[dict[str, Any]], spark_width: int
     table = _table()
     for column, justify in (("GROUP", "left"), ("RUN", "right"), ("STATES", "left"), ("TASKS", "right"),
                             ("ERRORS", "right"), ("NOW/S", "right"), ("1MIN/S", "right"),
-                            ("LAST MINUTE", "left"), ("RESTARTS", "left")):
+                            ("LAST MINUTE", "left"), ("RESTARTS", "left"), ("QUEUE", "left")):
         table.add_column(column, justify=justify, no_wrap=True, overflow="ellipsis")
     for g in shown:
         name = g["name"]
@@ -300,7 +301,7 @@ def _groups_table(model: TopModel, shown: list[dict[str, Any]], spark_width: int
             Text(name or "(unnamed)"), f"{g['running']}/{g['workers']}", _states_text(g["states"]),
             _count(g.get("tasks")), _count(g.get("errors")), _rate(model.last_rates.get(name)),
             _rate(model.rates.average(name)), Text(_spark(model, name, spark_width), style="cyan"),
-            restarts_text(g.get("restarts")),
+            restarts_text(g.get("restarts")), queue_text(g.get("queue")),
         )
     return table
 
@@ -436,7 +437,12 @@ def run(name: str, interval: float = 1.0) -> int:
 
 def poll(name: str, interval: float) -> tuple[int, dict[str, Any]]:
     """One status sample: (master pid, status). Raises control.NotRunning."""
-    return control.request(name, {"cmd": "status", "log_lines": LOG_LINES}, timeout=max(2.0, interval))
+    pid, status = control.request(name, {"cmd": "status", "log_lines": LOG_LINES}, timeout=max(2.0, interval))
+    if status.get("broker"):  # queue groups: their depth, from the broker (never asked of the master)
+        from .queue.depth import add_queue_depths
+
+        add_queue_depths(status)
+    return pid, status
 
 
 def _print_frame(console: Console, model: TopModel) -> None:

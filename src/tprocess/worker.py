@@ -71,6 +71,7 @@ class Context:
         self._wake_fd = wake_fd
         self._poll: select.poll | None = None  # made on first sleep, off the start-up path
         self._master_pid = 0  # set after fork: tells a stop of the master's death apart
+        self._aio: Any = None  # the event loop's runner, for an async task (aio.py)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep, but return False at once when a stop is asked; True after a full sleep."""
@@ -95,6 +96,15 @@ class Context:
             slot.words[slot.base + WOKE_AT] = time.monotonic_ns()  # busy again: task_timeout counts from here
             slot.state = previous
 
+    async def asleep(self, seconds: float) -> bool:
+        """ctx.sleep for an `async def` task: other calls go on meanwhile; False at once on a stop."""
+        if self._aio is not None:
+            return await self._aio.sleep(seconds)
+        import asyncio
+
+        await asyncio.sleep(seconds)
+        return not self.stopping
+
     def _request_stop(self, signum: int = 0, frame: Any = None) -> None:
         self.stopping = True
         if self._master_pid and os.getppid() != self._master_pid:
@@ -118,6 +128,17 @@ class WorkerSpec:
     max_tasks: int = 0  # recycle after this many tasks (0: never)
     max_memory: int = 0  # recycle once the RSS is past this many bytes (0: never)
     histogram: bool = False  # count task durations (metrics are on)
+    jobs: Any = None  # queue.serving.JobOptions: the task runs once per job of this queue
+    concurrency: int = 1  # async tasks: jobs in flight, or loops, at once
+
+
+def jobs_of(config: Any, group: Any) -> Any:
+    """The job options of a group with a queue (None without): imports the queue package only then."""
+    if not getattr(group, "queue", None):
+        return None
+    from .queue.serving import job_options
+
+    return job_options(config, group)
 
 
 def run(spec: WorkerSpec, master_fds: Iterable[int]) -> NoReturn:
@@ -175,7 +196,15 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
             _report(spec, b"E %d\n" % ctx.pid + text.encode(errors="replace")[-60000:])
             return EXIT_SETUP_FAILED
     _report(spec, b"R %d" % ctx.pid)
-    if spec.max_tasks or spec.max_memory or spec.histogram:
+    if spec.jobs is not None:  # a queue group: task(ctx, job) once per job
+        from .queue.serving import serve_jobs
+
+        code = serve_jobs(spec, ctx, spec.jobs)
+    elif _is_async(spec.task):
+        from .aio import run_plain
+
+        code = run_plain(spec, ctx, spec.concurrency)
+    elif spec.max_tasks or spec.max_memory or spec.histogram:
         code = _guarded_loop(spec, ctx)
     else:
         code = _loop(spec.task, ctx, spec.slot)
@@ -187,6 +216,15 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
             logs.log.exception("teardown of %s failed", spec.title)
             code = code or EXIT_TEARDOWN_FAILED
     return code
+
+
+def _is_async(task: Callable[..., Any]) -> bool:
+    code = getattr(task, "__code__", None)  # a plain function: no import of inspect on the hot path
+    if code is not None and not code.co_flags & 0x180:  # CO_COROUTINE | CO_ITERABLE_COROUTINE
+        return False
+    from .aio import is_async
+
+    return is_async(task)
 
 
 def _loop(task: Callable[[Context], Any], ctx: Context, slot: Slot) -> int:

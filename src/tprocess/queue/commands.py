@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any
 
@@ -35,17 +34,30 @@ class CommandError(Exception):
 
 def add_queue_commands(subparsers: Any) -> None:
     """Add `enqueue` and `queue` to an argparse subparsers object (`parser.add_subparsers()`)."""
-    enqueue = subparsers.add_parser(
-        "enqueue", help="Add jobs to a queue.",
-        description="Add jobs to QUEUE: each JSON argument is one job; with none, one JSON document per "
-                    "line of standard input.")
+    add_enqueue_arguments(subparsers.add_parser(
+        "enqueue", help="Add jobs to a queue.", description=ENQUEUE_DESCRIPTION))
+    add_queue_arguments(subparsers.add_parser("queue", help=QUEUE_DESCRIPTION, description=QUEUE_DESCRIPTION))
+
+
+ENQUEUE_DESCRIPTION = ("Add jobs to QUEUE: each JSON argument is one job; with none, one JSON document per "
+                       "line of standard input.")
+QUEUE_DESCRIPTION = "See and handle the jobs of queues: stats, dead, retry, purge."
+VALUE_FLAGS = {flag: long for long, flags in (("--config", ("-c", "--config")), ("--broker", ("--broker",)),
+                                              ("--name", ("--name",)), ("--delay", ("--delay",)))
+               for flag in flags}  # options that take a value (for the command line's option gluing)
+
+
+def add_enqueue_arguments(enqueue: argparse.ArgumentParser) -> None:
+    """`tprocess enqueue`'s arguments; sets `func`."""
     _broker_options(enqueue)
     enqueue.add_argument("queue", metavar="QUEUE")
     enqueue.add_argument("jobs", nargs="*", metavar="JSON", help="a job's payload as JSON")
     enqueue.add_argument("--delay", type=float, default=0.0, help="seconds before the jobs are visible")
     enqueue.set_defaults(func=_one_line_errors(cmd_enqueue))
 
-    queue = subparsers.add_parser("queue", help="See and handle the jobs of queues.")
+
+def add_queue_arguments(queue: argparse.ArgumentParser) -> None:
+    """`tprocess queue ACTION`'s arguments; each action sets `func`."""
     _broker_options(queue)
     actions = queue.add_subparsers(dest="queue_action", metavar="ACTION", required=True)
     stats = actions.add_parser(
@@ -118,14 +130,12 @@ def broker_url_for(config_file: str | None, broker: str | None, name: str | None
     if broker is not None:
         return parse_broker_url(broker).url, None
     if config_file is not None:
-        table = _read_toml(config_file)
-        base = os.path.dirname(os.path.abspath(config_file))
-        name = name or table.get("name") or DEFAULT_NAME
-        if "broker" in table:
-            try:
-                return parse_broker_url(table["broker"], base).url, base
-            except ConfigError as exc:
-                raise ConfigError(f"{config_file}: {exc}") from None
+        from ..config import load_file
+
+        config = load_file(config_file)  # the whole file is checked, as `start` would
+        if config.broker is not None:
+            return config.broker, config.base_dir
+        name = name or config.name
     name = check_name(name or DEFAULT_NAME)
     url = default_broker_url(name)
     folder = os.path.dirname(url.removeprefix("sqlite://"))
@@ -134,16 +144,6 @@ def broker_url_for(config_file: str | None, broker: str | None, name: str | None
     except OSError as exc:
         raise BrokerError(f"state folder {folder!r}: {exc.strerror}") from None
     return url, None
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
 
 
 def _open(args: argparse.Namespace) -> Broker:

@@ -1,0 +1,435 @@
+"""Queue groups end to end: the real `tprocess` command, real workers, against both real brokers.
+
+Tasks append one line per event (`S id pid attempt` at a job's start, `E id pid attempt` at its end)
+to a file beside them: small O_APPEND writes, so lines of different workers never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from helpers import Instance, gone, instance_procs, master_of, wait_for, workers_of
+from queue_fixtures import RedisServer
+
+from tprocess.queue import open_broker
+
+pytestmark = pytest.mark.timeout(120)
+
+JOBS = '''
+import asyncio, os, time
+from tprocess import Reject
+
+EVENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "events.txt")
+
+
+def note(kind, job):
+    line = f"{kind} {job.id} {os.getpid()} {job.attempt} {time.monotonic():.4f}\\n"
+    fd = os.open(EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, line.encode())
+    os.close(fd)
+
+
+def work(ctx, job):
+    note("S", job)
+    data = job.data if isinstance(job.data, dict) else {}
+    if data.get("sleep"):
+        time.sleep(data["sleep"])
+    if data.get("hang_first") and job.attempt == 1:
+        time.sleep(60)
+    if data.get("fail") and not os.path.exists(os.path.join(os.path.dirname(EVENTS), "healed")):
+        raise ValueError(f"failing job {job.id}")
+    if data.get("reject"):
+        raise Reject("not worth a retry")
+    note("E", job)
+
+
+async def awork(ctx, job):
+    note("S", job)
+    await asyncio.sleep(job.data.get("sleep", 0) if isinstance(job.data, dict) else 0)
+    note("E", job)
+
+
+def one_arg(ctx):
+    pass
+'''
+
+
+def setup_instance(inst: Instance, broker: str, group: str = "", workers: int = 3, task: str = "work",
+                   **keys: object) -> Path:
+    """jobs.py and a config with one queue group `ip` (plus extra TOML lines in `group`)."""
+    inst.write("jobs.py", JOBS)
+    options = "".join(f"{key} = {json.dumps(value)}\n" for key, value in keys.items())
+    return inst.write("tprocess.toml", f'broker = "{broker}"\n[groups.ip]\ntask = "jobs.py:{task}"\n'
+                                       f'workers = {workers}\nqueue = "ip"\n{options}{group}')
+
+
+def enqueue(inst: Instance, broker: str, items: list[object], queue: str = "ip") -> list[str]:
+    result = inst.run("enqueue", "--broker", broker, queue, *(json.dumps(i) for i in items))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+def events(folder: Path) -> list[tuple[str, str, int, int, float]]:
+    path = folder / "events.txt"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        kind, job_id, pid, attempt, when = line.split()
+        rows.append((kind, job_id, int(pid), int(attempt), float(when)))
+    return rows
+
+
+def ended(folder: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for kind, job_id, *_ in events(folder):
+        if kind == "E":
+            counts[job_id] = counts.get(job_id, 0) + 1
+    return counts
+
+
+def stats(broker: str) -> dict[str, int]:
+    with open_broker(broker) as b:
+        return b.stats("ip")["ip"]
+
+
+def settled(broker: str) -> bool:
+    s = stats(broker)
+    return s["waiting"] == s["delayed"] == s["running"] == 0
+
+
+# --- jobs processed once, failures, dead letters ------------------------------------------------
+
+
+def test_enqueued_jobs_are_each_processed_once_by_three_workers(inst, broker_url):
+    setup_instance(inst, broker_url)
+    ids = enqueue(inst, broker_url, [{"n": n, "sleep": 0.005} for n in range(90)])
+    inst.start("-c", "tprocess.toml")
+    workers = inst.wait_workers(3)
+    wait_for(lambda: len(ended(inst.dir)) == 90, timeout=30, what="90 jobs done")
+    done = ended(inst.dir)
+    assert set(done) == set(ids) and set(done.values()) == {1}
+    assert {e[2] for e in events(inst.dir)} <= {p.pid for p in workers.values()}
+    status = json.loads(inst.run("status", "--json").stdout)
+    group = status["groups"][0]
+    assert status["broker"] == broker_url
+    assert group["tasks"] == 90 and group["errors"] == 0
+    wait_for(lambda: settled(broker_url), timeout=10, what="the last acknowledgement")
+    status = json.loads(inst.run("status", "--json").stdout)
+    assert {k: status["groups"][0]["queue"][k] for k in ("name", "waiting", "running", "dead")} == {
+        "name": "ip", "waiting": 0, "running": 0, "dead": 0}
+    assert "queue ip: 0 waiting, 0 delayed, 0 running, 0 dead" in inst.run("status").stdout
+    assert inst.stop().returncode == 0
+    assert not instance_procs(inst.name)
+
+
+def test_failing_job_retried_then_dead_lettered_and_queue_retry_brings_it_back(inst, broker_url):
+    setup_instance(inst, broker_url, workers=1, max_retries=2, retry_delay=0.1)
+    bad, rejected, good = enqueue(inst, broker_url, [{"fail": True}, {"reject": True}, {"n": 1}])
+    inst.start("-c", "tprocess.toml")
+    wait_for(lambda: stats(broker_url)["dead"] == 2, timeout=30, what="two dead jobs")
+    attempts = sorted(e[3] for e in events(inst.dir) if e[0] == "S" and e[1] == bad)
+    assert attempts == [1, 2, 3]  # max_retries = 2: three deliveries, then the dead-letter list
+    assert [e[3] for e in events(inst.dir) if e[0] == "S" and e[1] == rejected] == [1]  # Reject: no retry
+    assert ended(inst.dir) == {good: 1}
+    dead = inst.run("queue", "--broker", broker_url, "dead", "ip")
+    assert dead.returncode == 0 and bad in dead.stdout and rejected in dead.stdout
+    listing = json.loads(inst.run("queue", "--broker", broker_url, "dead", "ip", "--json").stdout)
+    bad_entry = next(d for d in listing if d["id"] == bad)
+    assert bad_entry["attempts"] == 3 and "Traceback" in bad_entry["error"]
+    assert f"ValueError: failing job {bad}" in bad_entry["error"]
+    assert f"job {bad} of queue ip failed on attempt 1" in inst.read_log()
+    status = json.loads(inst.run("status", "--json").stdout)
+    assert status["groups"][0]["errors"] == 4 and status["groups"][0]["queue"]["dead"] == 2
+    (inst.dir / "healed").write_text("")
+    again = inst.run("queue", "--broker", broker_url, "retry", "ip", bad)
+    assert again.returncode == 0, again.stderr
+    wait_for(lambda: ended(inst.dir).get(bad) == 1, timeout=20, what="the retried job to succeed")
+    assert stats(broker_url)["dead"] == 1
+    assert inst.stop().returncode == 0
+
+
+# --- stop, kill -----------------------------------------------------------------------------------
+
+
+def test_stop_finishes_and_acks_the_job_in_progress(inst, broker_url):
+    setup_instance(inst, broker_url, workers=2)
+    inst.start("-c", "tprocess.toml")
+    inst.wait_workers(2)
+    (job,) = enqueue(inst, broker_url, [{"sleep": 1.5}])
+    wait_for(lambda: any(e[0] == "S" for e in events(inst.dir)), timeout=15, what="the job to start")
+    result = inst.stop()
+    assert result.returncode == 0, result.stderr
+    assert ended(inst.dir) == {job: 1}  # not cut
+    s = stats(broker_url)
+    assert s["running"] == s["waiting"] == 0 and s["done_last_minute"] == 1  # acknowledged
+    assert not instance_procs(inst.name)
+
+
+def test_idle_queue_workers_stop_at_once(inst, broker_url):
+    setup_instance(inst, broker_url, workers=4)
+    inst.start("-c", "tprocess.toml")
+    inst.wait_workers(4)
+    time.sleep(0.3)  # let every worker settle into its wait for a job (the event: nothing to await)
+    started = time.monotonic()
+    result = inst.stop()
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert took < 1.5, f"stop of 4 idle queue workers took {took:.2f}s"  # ~0.2 s; a broker wait is 30 s
+    assert "exited with code 0" in inst.read_log()
+
+
+def test_job_of_a_sigkilled_worker_is_delivered_again_after_job_timeout(inst, broker_url):
+    setup_instance(inst, broker_url, workers=1, job_timeout=1)
+    inst.start("-c", "tprocess.toml")
+    inst.wait_workers(1)
+    (job,) = enqueue(inst, broker_url, [{"hang_first": True}])
+    first = wait_for(lambda: [e for e in events(inst.dir) if e[0] == "S"], timeout=15, what="job start")
+    killed_at = time.monotonic()
+    os.kill(first[0][2], signal.SIGKILL)
+    wait_for(lambda: ended(inst.dir).get(job) == 1, timeout=20, what="the job delivered again")
+    again = [e for e in events(inst.dir) if e[0] == "S"][1]
+    assert again[3] == 2 and again[2] != first[0][2]  # attempt 2, on the replacement worker
+    assert again[4] - killed_at >= 0.5  # not before the lease ran out (job_timeout 1 s from its start)
+    wait_for(lambda: settled(broker_url), timeout=10, what="the acknowledgement")
+    assert inst.stop().returncode == 0
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("line, message", [
+    ('broker = "ftp://host/x"', "unknown scheme 'ftp'"),
+    ('broker = "redis://"', "expected a host"),
+    ('broker = 5', "broker 5"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = 5', "groups.ip: queue: queue name 5"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "a b"', "queue name 'a b'"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = ""', "queue name ''"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\njob_timeout = "x"', "groups.ip: job_timeout"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\njob_timeout = 0', "groups.ip: job_timeout"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\nmax_retries = -1', "groups.ip: max_retries"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\nmax_retries = 1.5', "groups.ip: max_retries"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\nretry_delay = -1', "groups.ip: retry_delay"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\nconcurrency = 0', "groups.ip: concurrency"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\nconcurrency = true', "groups.ip: concurrency"),
+    ('[groups.ip]\ntask = "jobs.py:one_arg"\njob_timeout = 3', "job_timeout: only for a group with a queue"),
+    ('[groups.ip]\ntask = "jobs.py:one_arg"\nqueue = "ip"', "must take two arguments (ctx, job)"),
+    ('[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\nconcurrency = 5', "needs an `async def` task"),
+])
+def test_bad_queue_config_is_one_line_and_nothing_runs(inst, line, message):
+    inst.write("jobs.py", JOBS)
+    groups = "" if "[groups." in line else '\n[groups.ip]\ntask = "jobs.py:work"\nqueue = "ip"\n'
+    inst.write("bad.toml", f"{line}\n{groups}")
+    result = inst.run("start", "-c", "bad.toml", "-d", "--log-file", str(inst.log))
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("tprocess: error: ")
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not instance_procs(inst.name)
+
+
+def test_unreachable_broker_at_start_is_one_line_before_anything_forks(inst, tmp_path):
+    from queue_fixtures import free_port
+
+    for broker, code in ((f"redis://127.0.0.1:{free_port()}/0", 1),
+                         (f"sqlite://{tmp_path}/no/such/folder/q.sqlite3", 1)):
+        setup_instance(inst, broker)
+        result = inst.run("start", "-c", "tprocess.toml", "-d", "--log-file", str(inst.log))
+        assert result.returncode == code, (result.stdout, result.stderr)
+        assert result.stderr.count("\n") == 1 and "tprocess: error: broker unreachable:" in result.stderr
+        assert not instance_procs(inst.name) and not inst.log.exists()
+
+
+# --- async ----------------------------------------------------------------------------------------
+
+
+def test_async_jobs_two_workers_of_concurrency_20_run_200_jobs_in_about_a_second(inst, broker_url):
+    setup_instance(inst, broker_url, workers=2, task="awork", concurrency=20)
+    inst.start("-c", "tprocess.toml")
+    inst.wait_workers(2)
+    enqueue(inst, broker_url, [{"sleep": 0.2} for _ in range(200)])
+    wait_for(lambda: len(ended(inst.dir)) == 200, timeout=40, what="200 async jobs")
+    rows = events(inst.dir)
+    took = max(e[4] for e in rows if e[0] == "E") - min(e[4] for e in rows if e[0] == "S")
+    assert took < 5.0, f"200 jobs of 0.2 s took {took:.2f}s (one at a time: 20 s)"
+    per_pid: dict[int, int] = {}
+    for kind, _, pid, *_ in rows:
+        per_pid[pid] = per_pid.get(pid, 0) + (1 if kind == "S" else 0)
+    assert len(per_pid) == 2
+    assert max(_max_in_flight(rows, pid) for pid in per_pid) == 20  # never more than concurrency
+    wait_for(lambda: settled(broker_url), timeout=10, what="the last acknowledgements")
+    status = json.loads(inst.run("status", "--json").stdout)
+    assert status["groups"][0]["tasks"] == 200
+    print(f"200 async jobs of 0.2 s, 2 workers x concurrency 20: {took:.2f}s")
+    # a stop with jobs in flight lets every one finish and acknowledges it
+    enqueue(inst, broker_url, [{"sleep": 1.0} for _ in range(10)])
+    wait_for(lambda: sum(1 for e in events(inst.dir) if e[0] == "S") >= 210, timeout=15, what="10 started")
+    assert inst.stop().returncode == 0
+    assert len(ended(inst.dir)) == 210 and settled(broker_url)
+
+
+def _max_in_flight(rows: list[tuple[str, str, int, int, float]], pid: int) -> int:
+    level = peak = 0
+    for kind, *_ in sorted((e for e in rows if e[2] == pid), key=lambda e: (e[4], e[0] == "S")):
+        level += 1 if kind == "S" else -1
+        peak = max(peak, level)
+    return peak
+
+
+PLAIN_ASYNC = '''
+import asyncio, os, time
+
+EVENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "events.txt")
+
+
+def note(kind):
+    fd = os.open(EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(fd, f"{kind} - {os.getpid()} 1 {time.monotonic():.4f}\\n".encode())
+    os.close(fd)
+
+
+async def crawl(ctx):
+    note("S")
+    await asyncio.sleep(0.3)
+    note("E")
+    await ctx.asleep(0.05)
+'''
+
+
+def test_plain_async_task_runs_concurrency_loops_and_a_stop_lets_them_finish(inst):
+    inst.write("crawl.py", PLAIN_ASYNC)
+    inst.write("tprocess.toml", '[groups.c]\ntask = "crawl.py:crawl"\nworkers = 1\nconcurrency = 5\n')
+    inst.start("-c", "tprocess.toml")
+    wait_for(lambda: sum(1 for e in events(inst.dir) if e[0] == "E") >= 10, timeout=20, what="10 calls")
+    assert inst.stop().returncode == 0
+    rows = events(inst.dir)
+    assert _max_in_flight(rows, rows[0][2]) == 5
+    assert sum(1 for e in rows if e[0] == "S") == sum(1 for e in rows if e[0] == "E")  # none cut
+
+
+# --- no job lost ----------------------------------------------------------------------------------
+
+
+def run_chaos(tmp_path: Path, kind: str, jobs: int, workers: int, chaos_s: float) -> None:
+    """`jobs` jobs, two instances of `workers` workers; random workers SIGKILLed, one whole instance
+    SIGKILLed (then started again) and, on Redis, redis-server restarted gracefully once."""
+    server = None
+    if kind == "redis":
+        (tmp_path / "redis").mkdir()
+        server = RedisServer(tmp_path / "redis", persistent=True).start()
+        broker = server.url
+    else:
+        broker = f"sqlite://{tmp_path}/queue.sqlite3"
+    folder = tmp_path / "work"
+    folder.mkdir()
+    instances = [Instance(f"t{os.urandom(5).hex()}", folder) for _ in range(2)]
+    killed: set[int] = set()
+    try:
+        inst_a, inst_b = instances
+        config = setup_instance(inst_a, broker, workers=workers, job_timeout=1, min_uptime=0,
+                                retry_delay=0.05)
+        ids = set(enqueue(inst_a, broker, [{"n": n, "sleep": 0.01} for n in range(jobs)]))
+        for inst in instances:
+            result = inst.run("start", "-c", str(config), "--name", inst.name, "-d", "--log-file",
+                              str(folder / f"{inst.name}.log"))
+            assert result.returncode == 0, result.stderr
+        _chaos(instances, config, killed, server, chaos_s)
+        wait_for(lambda: set(ended(folder)) >= ids, timeout=120, interval=0.2, what="every job finished")
+        wait_for(lambda: settled(broker), timeout=30, what="nothing waiting or running")
+        assert stats(broker)["dead"] == 0
+        for inst in instances:
+            assert inst.run("stop", "--name", inst.name).returncode in (0, 1)
+        assert not any(instance_procs(inst.name) for inst in instances)
+        rows = events(folder)
+        dupes = {job_id for job_id, n in ended(folder).items() if n > 1}
+        on_killed = {e[1] for e in rows if e[0] == "S" and e[2] in killed}
+        unexplained = sorted(dupes - on_killed)
+        assert not unexplained, f"finished twice, with no delivery on a killed worker: {unexplained}"
+        print(f"{kind}: {jobs} jobs, {len(killed)} processes killed, {len(dupes)} finished twice")
+    finally:
+        for inst in instances:
+            inst.cleanup()
+        if server is not None:
+            server.stop()
+
+
+def _chaos(instances: list[Instance], config: Path, killed: set[int], server: RedisServer | None,
+           seconds: float) -> None:
+    rng = random.Random(7)
+    failures: list[BaseException] = []
+
+    def kill_random_workers() -> None:
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                inst = rng.choice(instances)
+                master = master_of(inst.name)
+                workers = list(workers_of(inst.name, master.pid).values()) if master else []
+                if workers:
+                    victim = rng.choice(workers)
+                    killed.add(victim.pid)
+                    os.kill(victim.pid, signal.SIGKILL)
+                time.sleep(rng.uniform(0.05, 0.25))
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=kill_random_workers, daemon=True)
+    thread.start()
+    time.sleep(seconds / 3)
+    whole = instances[0]  # the whole instance, master and workers at once
+    master = master_of(whole.name)
+    assert master is not None
+    victims = [master.pid, *(p.pid for p in workers_of(whole.name, master.pid).values())]
+    killed.update(victims)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    if server is not None:
+        server.stop()  # graceful: SIGTERM, the AOF is written
+        server.start()
+    wait_for(lambda: all(gone(pid) for pid in victims), timeout=10, what="the killed instance gone")
+    result = whole.run("start", "-c", str(config), "--name", whole.name, "-d", "--log-file",
+                       str(whole.dir / f"{whole.name}.log"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    thread.join(timeout=seconds + 30)
+    assert not failures, failures
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_no_job_lost_under_chaos(tmp_path, kind):
+    run_chaos(tmp_path, kind, jobs=2000, workers=4, chaos_s=3.0)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_no_job_lost_under_chaos_soak(tmp_path, kind):
+    run_chaos(tmp_path, kind, jobs=10_000, workers=10, chaos_s=20.0)
+
+
+def test_python_api_takes_the_queue_options(tmp_path):
+    from tprocess import ConfigError, Supervisor
+    from tprocess.queue.serving import job_options
+
+    def scan(ctx, job):
+        pass
+
+    bad = Supervisor("api", broker="ftp://host/x").add_group("ip", task=scan, queue="ip")
+    with pytest.raises(ConfigError, match="unknown scheme 'ftp'"):
+        bad.prepare()
+    wrong = Supervisor("api", broker=f"sqlite://{tmp_path}/q.sqlite3").add_group(
+        "ip", task=lambda ctx: None, queue="ip")
+    with pytest.raises(ConfigError, match=r"two arguments \(ctx, job\)"):
+        wrong.prepare()
+    sup = Supervisor("api", broker=f"sqlite://{tmp_path}/q.sqlite3").add_group(
+        "ip", task=scan, workers=2, queue="ip", job_timeout=5, max_retries=0)
+    sup.prepare()  # the broker answered, and was closed again
+    options = job_options(sup.config, sup.config.groups[0])
+    assert (options.queue, options.job_timeout, options.max_retries, options.retry_delay) == ("ip", 5, 0, 1.0)
+    assert options.broker_url == f"sqlite://{tmp_path}/q.sqlite3" and (tmp_path / "q.sqlite3").exists()
