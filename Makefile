@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TPROCESS := $(CURDIR)/$(VENV)/bin/tprocess
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench soak clean
+.PHONY: setup demo test lint bench bench-queues soak clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ soak: setup
 
 bench: setup
 	$(PY) bench/run.py --out BENCHMARKS.md
+
+# Work queues (issue 7): tprocess vs Celery, RQ, dramatiq, huey, arq and a floor, on a local redis-server.
+bench-queues: setup
+	$(PY) bench/queues/run.py --append BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
