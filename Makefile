@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TPROCESS := $(CURDIR)/$(VENV)/bin/tprocess
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test-deps demo test lint bench soak clean
+.PHONY: setup test-deps demo test lint bench bench-queues soak clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ soak: setup test-deps
 bench: setup
 	$(PY) bench/run.py --out BENCHMARKS.md
 	$(PY) bench/ops.py --append BENCHMARKS.md
+
+# Work queues (issue 7): tprocess vs Celery, RQ, dramatiq, huey, arq and a floor, on a local redis-server.
+bench-queues: setup
+	$(PY) bench/queues/run.py --append BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
