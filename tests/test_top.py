@@ -17,7 +17,7 @@ import pytest
 from helpers import TPROCESS, wait_for
 from rich.console import Console
 
-from tprocess import status_view, top_view
+from tprocess import control, status_view, top_view
 
 SLEEPER = """
 def work(ctx):
@@ -323,3 +323,21 @@ def test_top_of_500_workers_fits_the_terminal(inst, top_of):
     os.write(top.master_fd, b"q")
     assert top.wait_exit() == 0
     assert inst.stop(timeout=60).returncode == 0
+
+
+@pytest.mark.timeout(30)
+def test_the_log_tail_top_shows_has_the_masters_and_the_workers_lines(inst):
+    """print() without flush: a worker's stdout is line-buffered, so the line arrives at once."""
+    inst.write("jobs.py", "def work(ctx):\n    print('hello from', ctx.name)\n    ctx.sleep(3600)\n")
+    inst.start("jobs.py:work", "-n", "2")
+    inst.wait_workers(2)
+
+    def tail():
+        _, reply = control.request(inst.name, {"cmd": "status", "log_lines": 50})
+        lines = reply.get("log_tail", [])
+        said = [line for line in lines if " OUT hello from " in line]
+        return lines if len(said) == 2 and any("starting 2 workers" in line for line in lines) else None
+
+    lines = wait_for(tail, 10, what="the workers' lines in the log tail")
+    assert all(line[:4].isdigit() for line in lines), lines  # whole log lines, each with its time
+    assert inst.stop().returncode == 0

@@ -74,6 +74,7 @@ def configure(level: str = "INFO", stream=None) -> None:
 
 def write_raw(text: str) -> None:
     """Write lines already in the log's format (workers' output) where the log goes."""
+    _recent.extend(text.splitlines())  # `top` shows the workers' lines too
     for handler in log.handlers:
         stream = getattr(handler, "stream", None)
         if stream is None:
