@@ -13,9 +13,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Any
 
 from .config import ConfigError, _show
+
+TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotations only
+if TYPE_CHECKING:
+    from typing import Any
 
 DEFAULT_HOST = "127.0.0.1"
 INSTALL_HINT = "pip install 'tprocess[metrics]'"
