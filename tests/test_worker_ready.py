@@ -7,6 +7,8 @@ workers "drop" to 99 past setup, while the process table never had fewer than 10
 
 from __future__ import annotations
 
+import os
+
 from tprocess import worker
 from tprocess.slots import STARTING, WORDS_PER_SLOT, Slot
 
@@ -35,3 +37,25 @@ def test_the_slot_leaves_starting_before_the_ready_message(tmp_path):
     ctx = worker.Context("t-0", "", 0, slot, wake_fd=-1)
     assert worker._serve(spec, ctx) == worker.EXIT_OK
     assert len(report.states) == 1 and report.states[0] != STARTING
+
+
+def test_the_ready_report_goes_whole_on_the_ready_pipe():
+    slot = Slot(memoryview(bytearray(8 * WORDS_PER_SLOT)).cast("Q"), 0)
+    slot.state = STARTING
+
+    def task(ctx):
+        raise SystemExit(0)
+
+    read_end, write_end = os.pipe()
+    report = Report(slot)  # a setup that succeeds sends nothing on the report socket
+    spec = worker.WorkerSpec(title="t-0", group="", index=0, task=task, setup=lambda ctx: None,
+                             teardown=None, slot=slot, report=report, master_pid=0,  # type: ignore[arg-type]
+                             ready_fd=write_end)
+    ctx = worker.Context("t-0", "", 0, slot, wake_fd=-1)
+    try:
+        assert worker._serve(spec, ctx) == worker.EXIT_OK
+        os.close(write_end)
+        assert os.read(read_end, 100) == b"R %d\n" % ctx.pid
+        assert report.states == []  # not on the report socket
+    finally:
+        os.close(read_end)

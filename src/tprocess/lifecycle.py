@@ -108,8 +108,9 @@ class Lifecycle:
 
     # --- ending a process ----------------------------------------------------------------
 
-    def retire(self, w: Worker, reason: str, timeout: float | None = None) -> None:
-        """Ask a worker to finish its task and exit for good; kill it past its graceful timeout."""
+    def retire(self, w: Worker, reason: str, timeout: float | None = None, send: bool = True) -> None:
+        """Ask a worker to finish its task and exit for good; kill it past its graceful timeout.
+        send=False: the caller sends the SIGTERM itself (a stop signals every worker in one batch)."""
         m = self.m
         w.cancel_timer()
         if not w.alive:
@@ -119,7 +120,8 @@ class Lifecycle:
         w.ending = reason
         grace = m.config.group_timeout(m.group_config(w)) if timeout is None else timeout
         self.kill_later(w, grace)
-        signal_child(w.pid, signal.SIGTERM)
+        if send:
+            signal_child(w.pid, signal.SIGTERM)
 
     def kill_later(self, w: Worker, delay: float) -> None:
         w.cancel_timer()

@@ -38,7 +38,7 @@ DRAIN_READS = 64  # reads per pipe when a worker has exited (bounded: a grandchi
 RECORD_MARK = "\x1e"  # ASCII record separator: starts each line of a worker's log record
 LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 FDS_PER_WORKER = 2  # what the master holds per worker (the read ends)
-FD_MARGIN = 64  # descriptors the master needs besides the pipes (selector, sockets, log ...)
+FD_MARGIN = 192  # besides the read ends: selector, sockets, log ... and a spawn batch's other ends
 
 _original_nofile: int | None = None  # the soft limit before raise_fd_limit, restored in workers
 
@@ -65,6 +65,10 @@ class Pipes:
 
     def close(self) -> None:
         _close_all([self.out_r, self.out_w, self.err_r, self.err_w])
+
+    def fd_runs(self) -> list[tuple[int, int]]:
+        """The four descriptors as runs [fd, fd + 1), for a child to close."""
+        return [(fd, fd + 1) for fd in (self.out_r, self.out_w, self.err_r, self.err_w)]
 
 
 # --- the worker's side ---------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Start-up: the instance is up once every worker has run its `setup`.
 
-Workers report over a datagram socket: "R PID" once through setup, "E PID" and the
-traceback when setup raised. Start-up ends when every worker is ready or failed for
+Workers report "R PID" on a pipe once through setup (it holds thousands of reports:
+none waits for the master), and "E PID" and the traceback on a datagram socket when
+setup raised. Start-up ends when every worker is ready or failed for
 good; a group none of whose workers got through setup aborts the start. A detached
 start learns the outcome through a pipe ("ok PID" or "error ..."), systemd through
 READY=1. Ready reports after start-up feed reloads and scale-ups (roll.py).
@@ -29,6 +30,7 @@ class Startup:
         self.setup_errors: dict[str, str] = {}  # group -> the last setup traceback
         self.error: str | None = None
         self._died: set[Worker] = set()  # never got through setup
+        self._partial = b""  # the ready pipe's incomplete last line
 
     def on_report(self, sock: socket.socket) -> None:
         while True:
@@ -45,6 +47,24 @@ class Startup:
                 self._on_ready(w)
             elif kind == b"E":
                 self.setup_errors[w.group] = detail.decode(errors="replace")
+        self.check()
+
+    def on_ready_pipe(self, fd: int) -> None:
+        """Read the ready pipe: "R PID\n" per worker through setup (writes under PIPE_BUF
+        are whole, but a read may stop anywhere: the rest waits in `_partial`)."""
+        data = self._partial
+        try:
+            while chunk := os.read(fd, 65536):
+                data += chunk
+        except BlockingIOError:
+            pass
+        lines = data.split(b"\n")
+        self._partial = lines.pop()
+        by_pid = self.m.pool.by_pid
+        for line in lines:
+            w = by_pid.get(int(line[2:]))
+            if w is not None:
+                self._on_ready(w)
         self.check()
 
     def _on_ready(self, w: Worker) -> None:

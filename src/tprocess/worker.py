@@ -133,6 +133,7 @@ class WorkerSpec:
     histogram: bool = False  # count task durations (metrics are on)
     jobs: Any = None  # queue.serving.JobOptions: the task runs once per job of this queue
     concurrency: int = 1  # async tasks: jobs in flight, or loops, at once
+    ready_fd: int = -1  # the master's ready pipe (-1: report readiness on `report`)
 
 
 def jobs_of(config: Any, group: Any) -> Any:
@@ -161,8 +162,8 @@ def _become_worker(spec: WorkerSpec, master_fds: Iterable[tuple[int, int]]) -> C
     logs.set_title(spec.title)
     if spec.output is not None:
         output.become_writer(spec.output)
+    _close_fds(master_fds)  # before any descriptor of ours: the runs may cover free numbers
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    _close_fds(master_fds)
     output.restore_fd_limit()
     ctx = Context(spec.title, spec.group, spec.index, spec.slot, wake_r)
     ctx._master_pid = spec.master_pid
@@ -201,7 +202,7 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
     # past setup and not yet in a task: idle, before the master learns it is ready, so that
     # `status` never shows a ready worker as starting (a roll would seem one worker short)
     spec.slot.state = IDLE
-    _report(spec, b"R %d" % ctx.pid)
+    _report_ready(spec, ctx.pid)
     if spec.jobs is not None:  # a queue group: task(ctx, job) once per job
         from .queue.serving import serve_jobs
 
@@ -350,6 +351,18 @@ def _is_clean_exit(exc: BaseException) -> bool:
 def _report(spec: WorkerSpec, message: bytes) -> None:
     try:
         spec.report.send(message)
+    except OSError:
+        pass  # the master is gone; PR_SET_PDEATHSIG has asked us to stop
+
+
+def _report_ready(spec: WorkerSpec, pid: int) -> None:
+    """"R PID" on the ready pipe: a few bytes, written at once (a datagram queue holds ~280
+    of them; a full one blocked the rest of 2,000 starting workers until the master read)."""
+    if spec.ready_fd < 0:
+        _report(spec, b"R %d" % pid)
+        return
+    try:
+        os.write(spec.ready_fd, b"R %d\n" % pid)  # under PIPE_BUF: never mixed with another's
     except OSError:
         pass  # the master is gone; PR_SET_PDEATHSIG has asked us to stop
 
