@@ -128,13 +128,13 @@ def test_a_job_fetched_as_the_stop_comes_is_handed_back_unstarted(broker_url):
     ran = []
     broker = open_broker(broker_url)
     ctx = SimpleNamespace(name="t-ip-0", stopping=False, log=logging.getLogger("tprocess"))
-    real_fetch = broker.fetch
+    real_fetch = broker.fetch_many
 
     def fetch_then_stop(*args, **kwargs):  # the stop signal lands while fetch returns
-        job = real_fetch(*args, **kwargs)
+        jobs = real_fetch(*args, **kwargs)
         ctx.stopping = True
-        return job
-    broker.fetch = fetch_then_stop
+        return jobs
+    broker.fetch_many = fetch_then_stop
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK)
     try:
         assert run_jobs(lambda c, j: ran.append(j), ctx, broker, "ip", 30.0, 3, 1.0, wake_r) == 0

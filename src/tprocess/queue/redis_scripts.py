@@ -58,14 +58,22 @@ end
 return {entries, counts}
 """
 
-# KEYS: stream, done-counter prefix. ARGV: group, entry id.
-ACK = _NOW + """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[2])
-local bucket = KEYS[2] .. math.floor(now)
-redis.call('INCR', bucket)
-redis.call('EXPIRE', bucket, 120)
-return 1
+# KEYS: stream, done-counter prefix. ARGV: group, entry ids (a batch of done jobs). An entry no longer
+# pending (acknowledged already: a resent ack) is left alone and not counted again.
+ACK_MANY = _NOW + """
+local n = 0
+for i = 2, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    n = n + 1
+  end
+end
+if n > 0 then
+  local bucket = KEYS[2] .. math.floor(now)
+  redis.call('INCRBY', bucket, n)
+  redis.call('EXPIRE', bucket, 120)
+end
+return n
 """
 
 # KEYS: stream, delayed. ARGV: group, entry id, consumer, job id, payload, next attempt, enqueued_at,
