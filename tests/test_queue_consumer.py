@@ -281,3 +281,28 @@ def test_a_batch_whose_lease_a_slow_job_ate_is_handed_back_not_run_late(broker_u
         second.close()
     assert sorted(runs) == [(n, 1) for n in range(4)]  # handed back unstarted: the same attempt, run once
     producer.close()
+
+
+def test_a_long_job_does_not_hold_back_the_acks_of_the_jobs_before_it(broker_url, monkeypatch):
+    monkeypatch.setattr(BatchSize, "next", lambda self, most=64: min(4, most))
+    long_started, release = threading.Event(), threading.Event()
+
+    def task(ctx, job):
+        if job.data == "long":
+            long_started.set()
+            assert release.wait(10)
+
+    producer = open_broker(broker_url)
+    producer.put_many("ip", ["a", "b", "long", "c"])
+    loop = Loop(broker_url, task)
+    try:
+        assert long_started.wait(10)
+        wait_for(lambda: producer.stats("ip")["ip"]["done_last_minute"] == 2, timeout=1,
+                 what="the acks of the 2 jobs done before the long one (held 0.05 s at most)")
+        release.set()
+        wait_for(lambda: producer.stats("ip")["ip"]["done_last_minute"] == 4, timeout=5, what="every ack")
+        assert loop.stop() < 0.1
+    finally:
+        release.set()
+        loop.close()
+    producer.close()

@@ -11,8 +11,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .acks import HeldAcks
 from .broker import Broker
 from .jobs import BrokerError, Job, Reject, consumer_name
+from .urls import open_broker
 from .waiting import drain_fd, wait_for_fds
 
 FETCH_WAIT = 30.0  # one fetch waits this long at most (a stop interrupts it at once)
@@ -62,7 +64,8 @@ def run_jobs(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, queue: s
     (capped at `max_retry_delay`) until `max_retries` retries were made, then dead-letters it with its
     traceback; `Reject` dead-letters at once. Jobs are fetched in small batches (BatchSize) and the
     acknowledgements of finished jobs go with the next fetch, in the same round trip; they are never
-    held across a wait for jobs nor past the loop's end. A stop never cuts a job: the loop checks
+    held across a wait for jobs nor past the loop's end, nor for long while a later job of the batch
+    runs (acks.HeldAcks sends them after MAX_HOLD). A stop never cuts a job: the loop checks
     `ctx.stopping` only between jobs, and the batch's unstarted jobs are handed back at once.
     `on_state("idle" | "busy")` lets the worker show whether it waits for a job or runs one;
     `jobs_left()` caps a fetch (max_tasks: no job is prefetched only to be handed back).
@@ -70,13 +73,14 @@ def run_jobs(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, queue: s
     who = consumer or consumer_name(ctx.name, getattr(ctx, "instance", None))
     sizer = BatchSize(job_timeout)
     batch: deque[Job] = deque()  # fetched, not started
-    acks: list[Job] = []  # finished, not yet acknowledged
+    held = HeldAcks(lambda: open_broker(broker.url), ctx.log)  # finished, not yet acknowledged
     fetched_at = 0.0
     try:
         while not ctx.stopping:
             if not batch:
                 _set(on_state, "idle")
                 most = jobs_left() if jobs_left is not None else MAX_BATCH
+                acks = held.take()
                 try:
                     batch.extend(broker.fetch_many(queue, who, sizer.next(most), FETCH_WAIT, job_timeout,
                                                    wake_fd, acks))
@@ -84,6 +88,8 @@ def run_jobs(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, queue: s
                     ctx.log.error("queue %s: %s", queue, exc)
                     _pause(wake_fd, BROKER_ERROR_PAUSE)
                     continue
+                finally:
+                    held.give_back(acks)
                 fetched_at = time.monotonic()
                 if not batch:
                     drain_fd(wake_fd)  # woken by a signal: the loop condition decides
@@ -97,12 +103,14 @@ def run_jobs(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, queue: s
             code, ok = _run_one(task, ctx, broker, job, max_retries, retry_delay, max_retry_delay)
             sizer.record(time.monotonic() - began)
             if ok:
-                acks.append(job)
+                held.add(job)
             if code is not None:
                 return code
         return 0
     finally:
         _hand_back(ctx, broker, batch)
+        held.close()
+        acks = held.take()
         _report(ctx, "acknowledge", lambda: broker.ack_many(acks))
 
 
