@@ -4,7 +4,8 @@ run_jobs sends the acks of a batch's finished jobs with its next fetch (one roun
 job runs, the acks of the jobs before it wait; if that job runs long, they must not wait with it (a
 SIGKILL would run them again, and past job_timeout another consumer would take them over). So a
 thread of its own, with its own broker connection, sends the acks held longer than MAX_HOLD. With
-fast jobs the next fetch always comes first and the thread only wakes every MAX_HOLD to look.
+fast jobs the next fetch always comes first and the thread only wakes every MAX_HOLD to look;
+a worker that fetches one job at a time never holds an ack while a job runs, and never starts it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class HeldAcks:
         self._lock = threading.Lock()
         self._jobs: list[Job] = []
         self._oldest = 0.0  # when the oldest held ack was added (CLOCK_MONOTONIC)
-        self._pending = threading.Event()  # set when acks are held
+        self._pending = threading.Event()  # set when a job starts while acks are held
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -37,7 +38,14 @@ class HeldAcks:
             if not self._jobs:
                 self._oldest = time.monotonic()
             self._jobs.append(job)
-        if self._thread is None:  # only a worker that batches needs it
+
+    def job_starts(self) -> None:
+        """A job starts while acks are held (a batch): the thread sees to them if it runs long. Only
+        then is the thread woken (at most once per MAX_HOLD): a worker fetching one job at a time
+        sends every ack with its next fetch, and its thread never runs."""
+        if not self._jobs:
+            return
+        if self._thread is None:
             self._thread = threading.Thread(target=self._send_late_acks, name="acks", daemon=True)
             self._thread.start()
         self._pending.set()
@@ -53,7 +61,6 @@ class HeldAcks:
                 if not self._jobs:
                     self._oldest = time.monotonic()
                 self._jobs[:0] = jobs
-            self._pending.set()
 
     def close(self) -> None:
         """Stop the thread (an ack it is sending is sent first); the caller sends what is left."""

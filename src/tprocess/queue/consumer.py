@@ -98,6 +98,7 @@ def run_jobs(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, queue: s
                 _hand_back(ctx, broker, batch)
                 continue
             job = batch.popleft()
+            held.job_starts()
             _set(on_state, "busy")
             began = time.monotonic()
             code, ok = _run_one(task, ctx, broker, job, max_retries, retry_delay, max_retry_delay)
