@@ -48,7 +48,8 @@ class HeldAcks:
         if self._thread is None:
             self._thread = threading.Thread(target=self._send_late_acks, name="acks", daemon=True)
             self._thread.start()
-        self._pending.set()
+        if not self._pending.is_set():  # set() takes a lock and notifies: not once per job
+            self._pending.set()
 
     def take(self) -> list[Job]:
         with self._lock:

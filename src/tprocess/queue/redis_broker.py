@@ -289,7 +289,7 @@ class RedisBroker(Broker):
         text = fields.get(b"d", b"")
         job = Job(job_id, None, attempt, queue, enqueued, receipt=(eid, consumer, text))
         try:
-            job.data = decode_payload(text)
+            job.data = decode_payload(text.decode())  # str: json skips guessing the encoding
         except ValueError as exc:
             self.dead(job, f"payload is not valid JSON: {exc}")
             return None

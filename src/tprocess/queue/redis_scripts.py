@@ -58,15 +58,15 @@ end
 return {entries, counts}
 """
 
-# KEYS: stream, done-counter prefix. ARGV: group, entry ids (a batch of done jobs). An entry no longer
-# pending (acknowledged already: a resent ack) is left alone and not counted again.
+# KEYS: stream, done-counter prefix. ARGV: group, entry ids (a batch of done jobs). Only entries
+# newly acknowledged are counted (a resent ack counts nothing); deleting an entry that XACK did not
+# acknowledge is harmless: a handed-back, retried, dead or acknowledged entry is deleted already.
 ACK_MANY = _NOW + """
 local n = 0
-for i = 2, #ARGV do
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
-    redis.call('XDEL', KEYS[1], ARGV[i])
-    n = n + 1
-  end
+for first = 2, #ARGV, 1000 do
+  local last = math.min(first + 999, #ARGV)
+  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
 end
 if n > 0 then
   local bucket = KEYS[2] .. math.floor(now)
