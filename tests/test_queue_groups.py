@@ -226,6 +226,51 @@ def test_job_of_a_sigkilled_worker_is_delivered_again_after_job_timeout(inst, br
     assert inst.stop().returncode == 0
 
 
+BATCH_OF_8 = """
+import tprocess.queue.consumer as _consumer
+_consumer.BatchSize.next = lambda self, most=64: min(8, most)  # a fixed batch: which jobs it holds is known
+"""
+
+
+def test_prefetched_jobs_of_a_sigkilled_worker_are_delivered_again_after_job_timeout(inst, broker_url):
+    setup_instance(inst, broker_url, workers=1, job_timeout=1)
+    inst.write("jobs.py", JOBS + BATCH_OF_8)
+    jobs = [{"n": 0}, {"n": 1}, {"hang_first": True}, *({"n": n} for n in range(3, 12))]
+    ids = enqueue(inst, broker_url, jobs)
+    inst.start("-c", "tprocess.toml")
+    hang = wait_for(lambda: [e for e in events(inst.dir) if e[0] == "S" and e[1] == ids[2]], timeout=15,
+                    what="the hanging job to start")[0]
+    # jobs 0 and 1 acknowledged (an ack is held 0.05 s at most while a later job runs), 5 prefetched
+    wait_for(lambda: stats(broker_url)["running"] == 8 - 2, timeout=2, what="the batch held less 2 acks")
+    killed_at = time.monotonic()
+    os.kill(hang[2], signal.SIGKILL)
+    wait_for(lambda: set(ended(inst.dir)) == set(ids), timeout=30, what="every job done")
+    assert set(ended(inst.dir).values()) == {1}
+    starts = {e[1]: e for e in events(inst.dir) if e[0] == "S" and e[2] != hang[2]}
+    prefetched = ids[3:8]  # the batch of 8: 0, 1, the hanging job, then 5 never started
+    assert all(starts[i][3] == 2 and starts[i][4] - killed_at >= 0.5 for i in prefetched + [ids[2]])
+    assert all(starts[i][3] == 1 for i in ids[8:])  # the next batch: delivered once, without waiting
+    assert set(ids[:2]).isdisjoint(starts)  # done and acknowledged before the kill: not run again
+    wait_for(lambda: settled(broker_url), timeout=10, what="the acknowledgements")
+    assert inst.stop().returncode == 0
+
+
+def test_max_tasks_recycles_between_batches_in_fifo_order_with_nothing_handed_back(inst, broker_url):
+    setup_instance(inst, broker_url, workers=1, max_tasks=6)  # batches of 1, 2, then 3 (not 4)
+    ids = enqueue(inst, broker_url, [{"n": n} for n in range(40)])
+    inst.start("-c", "tprocess.toml")
+    wait_for(lambda: len(ended(inst.dir)) == 40, timeout=60, what="40 jobs done by recycled workers")
+    starts = [e for e in events(inst.dir) if e[0] == "S"]
+    assert [e[1] for e in starts] == ids  # one worker at a time: queue order, each once, attempt 1
+    assert {e[3] for e in starts} == {1}
+    per_pid: dict[int, int] = {}
+    for e in starts:
+        per_pid[e[2]] = per_pid.get(e[2], 0) + 1
+    assert sorted(per_pid.values()) == [4] + [6] * 6  # 6 jobs per worker, then recycled
+    wait_for(lambda: settled(broker_url), timeout=10, what="the acknowledgements")
+    assert inst.stop().returncode == 0
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 

@@ -86,8 +86,8 @@ class Arq(Contestant):
 class TProcess(Contestant):
     """`tprocess start -c FILE` in the foreground, one queue group of 4 workers."""
 
-    def __init__(self, name: str, broker: str, how: str) -> None:
-        super().__init__(name, how, "tprocess", ("throughput", "latency", "async", "kill"))
+    def __init__(self, name: str, broker: str, how: str, env: dict[str, str] | None = None) -> None:
+        super().__init__(name, how, "tprocess", ("throughput", "latency", "async", "kill"), env or {})
         self.broker = broker  # "redis" or "sqlite"
 
     def url(self, redis_url: str, folder: str) -> str:
@@ -112,7 +112,7 @@ class TProcess(Contestant):
             lines.append("job_timeout = 20")  # the default is 300 s: a killed job would come back after 5 min
         with open(conf, "w") as f:
             f.write("\n".join(lines) + "\n")
-        name = f"qb{os.getpid()}{self.broker}{workload[:2]}"
+        name = f"qb{os.getpid()}{self.broker}{workload[:2]}{'b' if self.env else ''}"
         return [
             [
                 f"{BIN}/tprocess",
@@ -140,8 +140,20 @@ class Floor(Contestant):
         r.close()
 
 
+def before_and_after() -> list[Contestant]:
+    """With QB_BEFORE_SRC=DIR (a `src` folder of an older tprocess, e.g. from `git archive`), that
+    version runs too, as "tprocess before (...)", interleaved with the current one: a before/after
+    measured side by side in one run."""
+    src = os.environ.get("QB_BEFORE_SRC")
+    if not src:
+        return []
+    env = {"PYTHONPATH": f"{os.path.abspath(src)}:{HERE}"}
+    return [TProcess(f"tprocess before ({label})", broker, f"the same, tprocess from {src}", env)
+            for label, broker in (("Redis", "redis"), ("SQLite", "sqlite"))]
+
+
 def contestants() -> list[Contestant]:
-    return [
+    return [*before_and_after(),
         TProcess(
             "tprocess (Redis)", "redis", 'tprocess start -c FILE: one group, workers = 4, queue = "bench"'
         ),

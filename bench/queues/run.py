@@ -184,7 +184,8 @@ class Harness:
         self.runs = 0
 
     def env(self, contestant, url: str, records: str, workload: str) -> dict[str, str]:
-        env = dict(os.environ, QB_REDIS=url, QB_RECORDS=records, PYTHONPATH=HERE, **contestant.env)
+        env = dict(os.environ, QB_REDIS=url, QB_RECORDS=records, PYTHONPATH=HERE)
+        env.update(contestant.env)  # may set PYTHONPATH (an older tprocess first)
         if workload == "async":
             env["QB_CONCURRENCY"] = "100"
         return env

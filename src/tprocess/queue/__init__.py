@@ -10,6 +10,7 @@
 | `waiting.py` | waiting without polling: inotify, and a wake-up fd |
 | `producer.py` | `Queue`, the producer API |
 | `consumer.py` | `run_jobs`, the consuming loop a worker runs |
+| `acks.py` | acknowledgements held for the next fetch, sent by a thread of their own if a job runs long |
 | `async_consumer.py` | the consuming loop of an `async def` task: `concurrency` jobs in flight per worker |
 | `serving.py` | a queue group's worker: options, the broker opened after fork, the slot's state and counts |
 | `depth.py` | each queue group's depth for `status` and `top`, read by the client from the broker |

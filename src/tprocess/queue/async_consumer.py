@@ -1,10 +1,14 @@
 """The consuming loop for an `async def task(ctx, job)`: up to `concurrency` jobs in flight per worker.
 
 The brokers are synchronous, so they run in two threads of their own, each with its own broker
-object (a connection is never shared between threads): one fetches (one job at a time, and only
-when a place is free: nothing is prefetched), the other acknowledges, retries and dead-letters. A
-stop interrupts a waiting fetch at once through a pipe (a job the broker handed over in that instant
-is handed back), then every job in flight finishes and is reported before the worker exits.
+object (a connection is never shared between threads). The fetch thread asks for as many jobs as
+there are free places (up to MAX_BATCH) in one round trip, sending with it the acknowledgements of
+the jobs done since the last one; nothing is prefetched beyond the free places, so every job fetched
+starts at once. The report thread retries and dead-letters failed jobs, and acknowledges done jobs
+when the fetch is waiting on an empty queue (ACK_HOLD after they finished): an acknowledgement is
+never held by a wait for jobs. A stop interrupts a waiting fetch at once through a pipe (jobs the
+broker handed over in that instant are handed back), then every job in flight finishes and every
+acknowledgement is sent before the worker exits.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from typing import TYPE_CHECKING, Any
 
 from ..aio import Runner, block_signals_in_thread
 from ..logs import log
-from .consumer import BROKER_ERROR_PAUSE, FETCH_WAIT, MAX_RETRY_DELAY, _failed, _report
+from .consumer import BROKER_ERROR_PAUSE, FETCH_WAIT, MAX_BATCH, MAX_RETRY_DELAY, _failed, _report
 from .jobs import BrokerError, Job, Reject
 from .urls import open_broker
 
 if TYPE_CHECKING:
     from ..worker import Context, WorkerSpec
     from .serving import JobOptions
+
+ACK_HOLD = 0.005  # seconds a done job's ack may wait for the next fetch before it is sent on its own
 
 
 class AsyncJobs(Runner):
@@ -38,6 +44,10 @@ class AsyncJobs(Runner):
         self.interrupt_r, self.interrupt_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.running: set[asyncio.Future[Any]] = set()
         self.room = asyncio.Event()
+        self.done: list[Job] = []  # done jobs whose ack is not sent yet
+        self.fetches = 0  # fetches made: tells a held ack whether the fetch it waits for is the same
+        self.fetching = False
+        self.flush_task: asyncio.Future[None] | None = None  # acks being sent by the report thread
 
     def on_stop(self) -> None:
         try:
@@ -52,19 +62,21 @@ class AsyncJobs(Runner):
             await self._wait_for_room()
             if self.stopping:
                 break
-            job = await self._fetch(loop)
-            if job is None:
-                continue
-            if self.stopping:  # fetched in the same instant as the stop: give it back unstarted
-                await loop.run_in_executor(self.fetcher, self._hand_back, job)
+            jobs = await self._fetch(loop, self.concurrency - len(self.running))
+            if self.stopping and jobs:  # fetched in the same instant as the stop: give them back unstarted
+                await loop.run_in_executor(self.fetcher, self._hand_back, jobs)
                 break
-            future = asyncio.ensure_future(self._run(job))
-            self.running.add(future)
-            future.add_done_callback(self._finished)
+            for job in jobs:
+                future = asyncio.ensure_future(self._run(job))
+                self.running.add(future)
+                future.add_done_callback(self._finished)
             if len(self.running) >= self.concurrency:
                 self.room.clear()
         if self.running:  # a stop lets every job in flight finish
             await asyncio.gather(*self.running)
+        if self.flush_task is not None:  # every ack is sent before the worker exits
+            await self.flush_task
+        await self._flush()
 
     async def _wait_for_room(self) -> None:
         stop = asyncio.ensure_future(self.stop_event.wait())
@@ -77,19 +89,47 @@ class AsyncJobs(Runner):
         self.running.discard(future)
         self.room.set()
 
-    async def _fetch(self, loop: asyncio.AbstractEventLoop) -> Job | None:
+    async def _fetch(self, loop: asyncio.AbstractEventLoop, free: int) -> list[Job]:
+        """Up to `free` jobs, with the acks of the jobs done so far in the same round trip."""
         o = self.options
+        acks, self.done = self.done, []
+        self.fetches += 1
+        self.fetching = True
         try:
             return await loop.run_in_executor(
-                self.fetcher, self.fetch_broker.fetch, o.queue, self.consumer, FETCH_WAIT, o.job_timeout,
-                self.interrupt_r)
+                self.fetcher, self.fetch_broker.fetch_many, o.queue, self.consumer, min(free, MAX_BATCH),
+                FETCH_WAIT, o.job_timeout, self.interrupt_r, acks)
         except BrokerError as exc:  # the broker already retried with backoff: pause, then go on
             log.error("queue %s: %s", o.queue, exc)
             await self.sleep(BROKER_ERROR_PAUSE)
-            return None
+            return []
+        finally:
+            self.fetching = False
+            self.done[:0] = acks  # not sent (a broker error, a wake-up): they go with the next one
 
-    def _hand_back(self, job: Job) -> None:
-        _report(self.ctx, "hand back", lambda: self.fetch_broker.hand_back(job))
+    def _hand_back(self, jobs: list[Job]) -> None:
+        _report(self.ctx, "hand back", lambda: self.fetch_broker.hand_back_many(jobs))
+
+    def _acknowledge(self, job: Job) -> None:
+        """A done job: its ack goes with the next fetch, or on its own if the fetch waits for jobs."""
+        self.done.append(job)
+        if self.fetching:
+            asyncio.get_running_loop().call_later(ACK_HOLD, self._flush_if_fetch_waits, self.fetches)
+
+    def _flush_if_fetch_waits(self, fetch: int) -> None:
+        if self.fetching and self.fetches == fetch and self.done and self.flush_task is None:
+            self.flush_task = asyncio.ensure_future(self._flush())
+
+    async def _flush(self) -> None:
+        """Send the held acks through the report thread, one round trip per batch, until none is left."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self.done:
+                acks, self.done = self.done, []
+                await loop.run_in_executor(self.reporter, _report, self.ctx, "acknowledge",
+                                           lambda acks=acks: self.report_broker.ack_many(acks))
+        finally:
+            self.flush_task = None
 
     async def _run(self, job: Job) -> None:
         o, ctx = self.options, self.ctx
@@ -111,8 +151,7 @@ class AsyncJobs(Runner):
         finally:
             self.end_call(token)
         if error_text is None:
-            ack = self.report_broker.ack
-            await loop.run_in_executor(self.reporter, _report, ctx, "ack", lambda: ack(job))
+            self._acknowledge(job)
         else:
             await loop.run_in_executor(self.reporter, _failed, ctx, self.report_broker, job, error_text,
                                        o.max_retries, o.retry_delay, MAX_RETRY_DELAY, reject)

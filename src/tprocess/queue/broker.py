@@ -38,9 +38,31 @@ class Broker(abc.ABC):
         `wake_fd` becomes readable (the caller drains it). A job whose payload is not valid JSON
         is dead-lettered with the reason and never returned."""
 
+    def fetch_many(self, queue: str, consumer: str, count: int, timeout_s: float, job_timeout: float,
+                   wake_fd: int | None = None, acks: list[Job] | None = None) -> list[Job]:
+        """Acknowledge the done jobs in `acks`, then up to `count` jobs for `consumer` in queue order,
+        waiting up to `timeout_s` for the first; [] on time-out or when `wake_fd` becomes readable.
+
+        The acknowledgements are applied before any wait (a held-back ack never waits on an idle
+        queue) and, where the broker can, in the same round trip as the read. The jobs applied are
+        removed from `acks`: what is left in it after a BrokerError or a wake-up is still to be sent
+        (an ack is idempotent, so sending one twice is harmless). Every job returned runs on one
+        lease: its `job_timeout` clock starts now, so `count` must be small enough to finish them all.
+        """
+        self.ack_many(acks or [])
+        job = self.fetch(queue, consumer, timeout_s, job_timeout, wake_fd)
+        return [] if job is None else [job]
+
     @abc.abstractmethod
     def ack(self, job: Job) -> None:
         """The job is done: remove it."""
+
+    def ack_many(self, jobs: list[Job]) -> None:
+        """Every job of `jobs` is done: remove them (one round trip where the broker can). The jobs
+        acknowledged are removed from the list, so on a BrokerError it holds the ones still to send."""
+        while jobs:
+            self.ack(jobs[0])
+            del jobs[0]
 
     @abc.abstractmethod
     def retry(self, job: Job, delay: float, error_text: str) -> None:
@@ -53,6 +75,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     def hand_back(self, job: Job) -> None:
         """A job fetched but not started: make it available again at once, same attempt."""
+
+    def hand_back_many(self, jobs: list[Job]) -> None:
+        """Jobs fetched but not started (a prefetched batch cut by a stop): available again at once."""
+        for job in jobs:
+            self.hand_back(job)
 
     @abc.abstractmethod
     def stats(self, queue: str | None = None) -> dict[str, dict[str, Any]]:

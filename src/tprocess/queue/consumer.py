@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from .acks import HeldAcks
 from .broker import Broker
 from .jobs import BrokerError, Job, Reject, consumer_name
+from .urls import open_broker
 from .waiting import drain_fd, wait_for_fds
 
 FETCH_WAIT = 30.0  # one fetch waits this long at most (a stop interrupts it at once)
 MAX_RETRY_DELAY = 300.0
 BROKER_ERROR_PAUSE = 1.0  # after a broker error that outlasted the broker's own retries
+MAX_BATCH = 64  # jobs fetched per round trip at most
+BATCH_WORK = 0.02  # seconds of measured work a batch may hold: a stop or a SIGKILL costs little
+LEASE_SHARE = 0.1  # a batch holds at most this share of job_timeout: every job starts well within it
 
 
 def retry_delay_for(attempt: int, retry_delay: float, max_retry_delay: float = MAX_RETRY_DELAY) -> float:
@@ -24,55 +30,113 @@ def retry_delay_for(attempt: int, retry_delay: float, max_retry_delay: float = M
     return min(retry_delay * 2 ** max(0, attempt - 1), max_retry_delay)
 
 
+class BatchSize:
+    """How many jobs to fetch per round trip: 1 at first, doubling while jobs finish fast, never more
+    than BATCH_WORK (or a LEASE_SHARE of job_timeout) of work at the measured time per job. A job's
+    lease starts at its fetch, so the last job of a batch must start well within job_timeout."""
+
+    def __init__(self, job_timeout: float) -> None:
+        self.budget = min(BATCH_WORK, job_timeout * LEASE_SHARE)
+        self.size = 1
+        self.per_job: float | None = None  # seconds: rises at once with a slow job, falls slowly
+
+    def record(self, seconds: float) -> None:
+        est = self.per_job
+        self.per_job = seconds if est is None or seconds > est else est + (seconds - est) * 0.2
+
+    def next(self, most: int = MAX_BATCH) -> int:
+        """The size of the next fetch (called once per fetch, so the size doubles per batch)."""
+        if self.per_job is None:
+            return 1
+        fits = int(self.budget / self.per_job) if self.per_job > 0 else MAX_BATCH
+        self.size = max(1, min(self.size * 2, fits, MAX_BATCH))
+        return max(1, min(self.size, most))
+
+
 def run_jobs(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, queue: str, job_timeout: float,
              max_retries: int, retry_delay: float, wake_fd: int, *,
              max_retry_delay: float = MAX_RETRY_DELAY, consumer: str | None = None,
-             on_state: Callable[[str], None] | None = None) -> int:
+             on_state: Callable[[str], None] | None = None,
+             jobs_left: Callable[[], int] | None = None) -> int:
     """Run `task(ctx, job)` for each job of `queue` until `ctx.stopping`; return the worker's exit code.
 
     A return acknowledges the job; an exception retries it after `retry_delay` doubling per attempt
     (capped at `max_retry_delay`) until `max_retries` retries were made, then dead-letters it with its
-    traceback; `Reject` dead-letters at once. A stop never cuts a job: the loop checks `ctx.stopping`
-    only between jobs, and a job fetched in the same instant as the stop is handed back unstarted.
-    `on_state("idle" | "busy")` lets the worker show whether it waits for a job or runs one.
+    traceback; `Reject` dead-letters at once. Jobs are fetched in small batches (BatchSize) and the
+    acknowledgements of finished jobs go with the next fetch, in the same round trip; they are never
+    held across a wait for jobs nor past the loop's end, nor for long while a later job of the batch
+    runs (acks.HeldAcks sends them after MAX_HOLD). A stop never cuts a job: the loop checks
+    `ctx.stopping` only between jobs, and the batch's unstarted jobs are handed back at once.
+    `on_state("idle" | "busy")` lets the worker show whether it waits for a job or runs one;
+    `jobs_left()` caps a fetch (max_tasks: no job is prefetched only to be handed back).
     """
     who = consumer or consumer_name(ctx.name, getattr(ctx, "instance", None))
-    while not ctx.stopping:
-        _set(on_state, "idle")
-        try:
-            job = broker.fetch(queue, who, FETCH_WAIT, job_timeout, wake_fd)
-        except BrokerError as exc:  # the broker already retried with backoff: pause, then go on
-            ctx.log.error("queue %s: %s", queue, exc)
-            _pause(wake_fd, BROKER_ERROR_PAUSE)
-            continue
-        if job is None:
-            drain_fd(wake_fd)  # woken by a signal: the loop condition decides
-            continue
-        if ctx.stopping:
-            broker.hand_back(job)
-            break
-        _set(on_state, "busy")
-        code = _run_one(task, ctx, broker, job, max_retries, retry_delay, max_retry_delay)
-        if code is not None:
-            return code
-    return 0
+    sizer = BatchSize(job_timeout)
+    batch: deque[Job] = deque()  # fetched, not started
+    held = HeldAcks(lambda: open_broker(broker.url), ctx.log)  # finished, not yet acknowledged
+    fetched_at = 0.0
+    try:
+        while not ctx.stopping:
+            if not batch:
+                _set(on_state, "idle")
+                most = jobs_left() if jobs_left is not None else MAX_BATCH
+                acks = held.take()
+                try:
+                    batch.extend(broker.fetch_many(queue, who, sizer.next(most), FETCH_WAIT, job_timeout,
+                                                   wake_fd, acks))
+                except BrokerError as exc:  # the broker already retried with backoff: pause, then go on
+                    ctx.log.error("queue %s: %s", queue, exc)
+                    _pause(wake_fd, BROKER_ERROR_PAUSE)
+                    continue
+                finally:
+                    held.give_back(acks)
+                fetched_at = time.monotonic()
+                if not batch:
+                    drain_fd(wake_fd)  # woken by a signal: the loop condition decides
+                continue  # a stop that came with the jobs hands them back unstarted
+            if time.monotonic() - fetched_at > job_timeout / 2:  # a slow job ate the batch's lease
+                _hand_back(ctx, broker, batch)
+                continue
+            job = batch.popleft()
+            held.job_starts()
+            _set(on_state, "busy")
+            began = time.monotonic()
+            code, ok = _run_one(task, ctx, broker, job, max_retries, retry_delay, max_retry_delay)
+            sizer.record(time.monotonic() - began)
+            if ok:
+                held.add(job)
+            if code is not None:
+                return code
+        return 0
+    finally:
+        _hand_back(ctx, broker, batch)
+        held.close()
+        acks = held.take()
+        _report(ctx, "acknowledge", lambda: broker.ack_many(acks))
+
+
+def _hand_back(ctx: Any, broker: Broker, batch: deque[Job]) -> None:
+    if batch:
+        jobs = list(batch)
+        batch.clear()
+        _report(ctx, "hand back", lambda: broker.hand_back_many(jobs))
 
 
 def _run_one(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, job: Job, max_retries: int,
-             retry_delay: float, max_retry_delay: float) -> int | None:
-    """One job: its outcome reported to the broker. Returns an exit code if the task asked to exit."""
+             retry_delay: float, max_retry_delay: float) -> tuple[int | None, bool]:
+    """One job; a failure reported to the broker at once (a success is acknowledged by the caller).
+    Returns (an exit code if the task asked to exit, whether it succeeded)."""
     try:
         task(ctx, job)
     except SystemExit as exc:  # the task ends its worker: the job counts as a failed attempt
         _failed(ctx, broker, job, f"the task raised SystemExit({exc.code!r})", max_retries, retry_delay,
                 max_retry_delay, reject=False)
-        return exc.code if isinstance(exc.code, int) else 1
+        return (exc.code if isinstance(exc.code, int) else 1), False
     except BaseException as exc:  # noqa: BLE001 - a failing job must not end the worker
         _failed(ctx, broker, job, traceback.format_exc(), max_retries, retry_delay, max_retry_delay,
                 reject=isinstance(exc, Reject))
-        return None
-    _report(ctx, "ack", lambda: broker.ack(job))
-    return None
+        return None, False
+    return None, True
 
 
 def _failed(ctx: Any, broker: Broker, job: Job, error_text: str, max_retries: int, retry_delay: float,
@@ -89,11 +153,11 @@ def _failed(ctx: Any, broker: Broker, job: Job, error_text: str, max_retries: in
 
 
 def _report(ctx: Any, what: str, call: Callable[[], None]) -> None:
-    """Tell the broker a job's outcome; if it cannot be told, the job comes back after job_timeout."""
+    """Tell the broker jobs' outcome; if it cannot be told, the jobs come back after job_timeout."""
     try:
         call()
     except BrokerError as exc:
-        ctx.log.error("could not %s a job, it will be delivered again: %s", what, exc)
+        ctx.log.error("could not %s jobs, they will be delivered again: %s", what, exc)
 
 
 def _pause(wake_fd: int, seconds: float) -> None:

@@ -69,7 +69,7 @@ class RedisBroker(Broker):
         self._block_sock: Any = None
         self._block_id: int | None = None
         self._s = {name: self._r.register_script(getattr(redis_scripts, name)) for name in (
-            "PUT_DELAYED", "MOVE_DUE", "CLAIM", "ACK", "RETRY", "DEAD", "HAND_BACK", "RETRY_DEAD")}
+            "PUT_DELAYED", "MOVE_DUE", "CLAIM", "ACK_MANY", "RETRY", "DEAD", "HAND_BACK", "RETRY_DEAD")}
         self._groups: set[str] = set()
         self._next_move: dict[str, float] = {}
         self._next_claim: dict[str, float] = {}
@@ -151,23 +151,34 @@ class RedisBroker(Broker):
 
     def fetch(self, queue: str, consumer: str, timeout_s: float, job_timeout: float,
               wake_fd: int | None = None) -> Job | None:
+        jobs = self.fetch_many(queue, consumer, 1, timeout_s, job_timeout, wake_fd)
+        return jobs[0] if jobs else None
+
+    def fetch_many(self, queue: str, consumer: str, count: int, timeout_s: float, job_timeout: float,
+                   wake_fd: int | None = None, acks: list[Job] | None = None) -> list[Job]:
         check_queue_name(queue)
         deadline = time.monotonic() + timeout_s
+        acks = acks if acks is not None else []
         while True:
-            got = self._call(
-                "fetch", lambda: self._fetch_once(queue, consumer, deadline, job_timeout, wake_fd), wake_fd)
+            got = self._call("fetch", lambda: self._fetch_once(
+                queue, consumer, count, deadline, job_timeout, wake_fd, acks), wake_fd)
             if got is WOKEN:
-                return None
-            if isinstance(got, Job):
-                return got
+                return []
+            if got:
+                return got  # type: ignore[return-value]
             if time.monotonic() >= deadline:
-                return None
+                return []
 
-    def _fetch_once(self, queue: str, consumer: str, deadline: float, job_timeout: float,
-                    wake_fd: int | None) -> Job | object | None:
-        """One look: due delayed jobs moved, jobs of dead consumers claimed, then one blocking read."""
+    def _fetch_once(self, queue: str, consumer: str, count: int, deadline: float, job_timeout: float,
+                    wake_fd: int | None, acks: list[Job]) -> list[Job] | object:
+        """One look: the done jobs acknowledged with a read that does not wait (one round trip), due
+        delayed jobs moved, jobs of dead consumers claimed, then one blocking read."""
         self._ensure_group(queue)
         key = stream_key(queue)
+        if acks:
+            jobs = self._read(queue, consumer, count, 0.0, None, acks)
+            if jobs:
+                return jobs
         now = time.monotonic()
         if now >= self._next_move.get(queue, 0.0):
             until_next = float(self._s["MOVE_DUE"](keys=[key, key + ":delayed"], args=[MOVE_BATCH]))
@@ -175,35 +186,29 @@ class RedisBroker(Broker):
             self._next_move[queue] = now + wait
         if now >= self._next_claim.get(queue, 0.0):
             self._next_claim[queue] = now + claim_interval(job_timeout)
-            job = self._claim(queue, consumer, job_timeout)
-            if job is not None:
-                return job
+            jobs = self._claim(queue, consumer, count, job_timeout)
+            if jobs:
+                return jobs
         block_s = min(deadline, self._next_move[queue], self._next_claim[queue]) - time.monotonic()
-        reply = self._read(key, consumer, block_s, wake_fd)
-        if reply is WOKEN:
-            return WOKEN
-        for entry_id, fields in reply:  # type: ignore[union-attr]
-            job = self._to_job(queue, consumer, entry_id, fields, deliveries=1)
-            if job is not None:
-                return job
-        return None
+        return self._read(queue, consumer, count, block_s, wake_fd, acks)
 
-    def _claim(self, queue: str, consumer: str, job_timeout: float) -> Job | None:
+    def _claim(self, queue: str, consumer: str, count: int, job_timeout: float) -> list[Job]:
         try:
             entries, counts = self._s["CLAIM"](keys=[stream_key(queue)],
-                                               args=[GROUP, consumer, int(job_timeout * 1000), 1])
+                                               args=[GROUP, consumer, int(job_timeout * 1000), count])
         except redis.ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
             self._ensure_group(queue, again=True)
-            return None
-        for (entry_id, flat), count in zip(entries, counts, strict=True):
-            job = self._to_job(queue, consumer, entry_id, _pairs(flat), deliveries=int(count))
+            return []
+        jobs = []
+        for (entry_id, flat), deliveries in zip(entries, counts, strict=True):
+            job = self._to_job(queue, consumer, entry_id, _pairs(flat), deliveries=int(deliveries))
             if job is not None:
                 log.warning("job %s of queue %s: its consumer held it for over %.0f s; delivering it again",
                             job.id, queue, job_timeout)
-                return job
-        return None
+                jobs.append(job)
+        return jobs
 
     def _block_connection(self) -> Any:
         if self._pid != os.getpid():
@@ -224,34 +229,55 @@ class RedisBroker(Broker):
             self._block_pool.release(self._block_conn)
             self._block_conn = self._block_sock = None
 
-    def _read(self, key: str, consumer: str, block_s: float, wake_fd: int | None) -> list | object:
-        """XREADGROUP COUNT 1, blocking up to block_s on its own connection; WOKEN if wake_fd fired."""
+    def _read(self, queue: str, consumer: str, count: int, block_s: float, wake_fd: int | None,
+              acks: list[Job]) -> list[Job] | object:
+        """XREADGROUP COUNT `count` on the blocking connection, pipelined after the acknowledgement
+        of `acks` (then the read does not wait: an ack is never held up by an idle queue); waits up to
+        block_s otherwise. WOKEN if wake_fd fired (jobs served in that instant are handed back)."""
         conn = self._block_connection()
-        args: list[Any] = ["XREADGROUP", "GROUP", GROUP, consumer, "COUNT", 1]
-        block_ms = int(block_s * 1000)
+        key = stream_key(queue)
+        read: list[Any] = ["XREADGROUP", "GROUP", GROUP, consumer, "COUNT", count]
+        block_ms = 0 if acks else int(block_s * 1000)
         if block_ms >= 1:
-            args += ["BLOCK", block_ms]
-        conn.send_command(*args, "STREAMS", key, ">")
-        sock = conn._sock.fileno()
-        ready = wait_for_fds([sock, wake_fd], max(0, block_ms) / 1000 + 2.0)
-        woken = wake_fd is not None and wake_fd in ready
-        if woken and sock not in ready:
-            self._r.client_unblock(self._block_id)  # the blocked read returns nil at once
+            read += ["BLOCK", block_ms]
+        read += ["STREAMS", key, ">"]
+        commands = [read]
+        if acks:
+            ids = [job.receipt[0] for job in acks]
+            commands.insert(0, ["EVAL", redis_scripts.ACK_MANY, 2, key, key + ":done:", GROUP, *ids])
+        conn.send_packed_command(conn.pack_commands(commands))
+        woken = False
+        if block_ms >= 1:
+            sock = conn._sock.fileno()
+            ready = wait_for_fds([sock, wake_fd], block_ms / 1000 + 2.0)
+            woken = wake_fd is not None and wake_fd in ready
+            if woken and sock not in ready:
+                self._r.client_unblock(self._block_id)  # the blocked read returns nil at once
+        if acks:
+            self._acked(conn, acks)
         try:
             reply = conn.read_response()
         except redis.ResponseError as exc:  # the stream was purged under a blocked read
             if "NOGROUP" not in str(exc) and "UNBLOCKED" not in str(exc):
                 raise
-            self._groups.discard(key.removeprefix("tprocess:q:"))
+            self._groups.discard(queue)
             return WOKEN if woken else []
-        entries = [(entry_id, _pairs(flat)) for _, stream in (reply or []) for entry_id, flat in stream]
-        if woken:
-            for entry_id, fields in entries:  # served in the same instant as the stop: give it back
-                job = self._to_job(key.removeprefix("tprocess:q:"), consumer, entry_id, fields, 1)
-                if job is not None:
-                    self.hand_back(job)
+        jobs = [job for _, stream in (reply or []) for entry_id, flat in stream
+                if (job := self._to_job(queue, consumer, entry_id, _pairs(flat), 1)) is not None]
+        if woken:  # served in the same instant as the stop: give them back
+            self.hand_back_many(jobs)
             return WOKEN
-        return entries
+        return jobs
+
+    def _acked(self, conn: Any, acks: list[Job]) -> None:
+        """Read the reply of a pipelined ACK_MANY: the acks are applied (or cannot be: then they come
+        back after job_timeout, as if the worker had died)."""
+        try:
+            conn.read_response()
+        except redis.ResponseError as exc:
+            log.error("broker %s: acknowledging %d jobs: %s; they will be delivered again", self.url,
+                      len(acks), exc)
+        acks.clear()
 
     def _to_job(self, queue: str, consumer: str, entry_id: bytes, fields: dict[bytes, bytes],
                 deliveries: int) -> Job | None:
@@ -263,7 +289,7 @@ class RedisBroker(Broker):
         text = fields.get(b"d", b"")
         job = Job(job_id, None, attempt, queue, enqueued, receipt=(eid, consumer, text))
         try:
-            job.data = decode_payload(text)
+            job.data = decode_payload(text.decode())  # str: json skips guessing the encoding
         except ValueError as exc:
             self.dead(job, f"payload is not valid JSON: {exc}")
             return None
@@ -274,8 +300,15 @@ class RedisBroker(Broker):
         return [GROUP, eid, consumer, job.id, text]
 
     def ack(self, job: Job) -> None:
-        key = stream_key(job.queue)
-        self._call("ack", lambda: self._s["ACK"](keys=[key, key + ":done:"], args=[GROUP, job.receipt[0]]))
+        self.ack_many([job])
+
+    def ack_many(self, jobs: list[Job]) -> None:
+        for queue in sorted({job.queue for job in jobs}):
+            key = stream_key(queue)
+            ids = [job.receipt[0] for job in jobs if job.queue == queue]
+            self._call("ack", lambda key=key, ids=ids: self._s["ACK_MANY"](keys=[key, key + ":done:"],
+                                                                          args=[GROUP, *ids]))
+            jobs[:] = [job for job in jobs if job.queue != queue]
 
     def retry(self, job: Job, delay: float, error_text: str) -> None:
         key = stream_key(job.queue)
@@ -288,8 +321,19 @@ class RedisBroker(Broker):
         self._call("dead", lambda: self._s["DEAD"](keys=[key, key + ":dead"], args=args))
 
     def hand_back(self, job: Job) -> None:
-        args = [*self._job_args(job), job.attempt, job.enqueued_at]
-        self._call("hand back", lambda: self._s["HAND_BACK"](keys=[stream_key(job.queue)], args=args))
+        self.hand_back_many([job])
+
+    def hand_back_many(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+
+        def hand_back_all() -> None:  # one round trip; each script is a no-op when run twice
+            pipe = self._client().pipeline(transaction=False)
+            for job in jobs:
+                args = [*self._job_args(job), job.attempt, job.enqueued_at]
+                self._s["HAND_BACK"](keys=[stream_key(job.queue)], args=args, client=pipe)
+            pipe.execute()
+        self._call("hand back", hand_back_all)
 
     # --- seeing and handling ---------------------------------------------------------------
 

@@ -58,14 +58,22 @@ end
 return {entries, counts}
 """
 
-# KEYS: stream, done-counter prefix. ARGV: group, entry id.
-ACK = _NOW + """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[2])
-local bucket = KEYS[2] .. math.floor(now)
-redis.call('INCR', bucket)
-redis.call('EXPIRE', bucket, 120)
-return 1
+# KEYS: stream, done-counter prefix. ARGV: group, entry ids (a batch of done jobs). Only entries
+# newly acknowledged are counted (a resent ack counts nothing); deleting an entry that XACK did not
+# acknowledge is harmless: a handed-back, retried, dead or acknowledged entry is deleted already.
+ACK_MANY = _NOW + """
+local n = 0
+for first = 2, #ARGV, 1000 do
+  local last = math.min(first + 999, #ARGV)
+  n = n + redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, first, last))
+  redis.call('XDEL', KEYS[1], unpack(ARGV, first, last))
+end
+if n > 0 then
+  local bucket = KEYS[2] .. math.floor(now)
+  redis.call('INCRBY', bucket, n)
+  redis.call('EXPIRE', bucket, 120)
+end
+return n
 """
 
 # KEYS: stream, delayed. ARGV: group, entry id, consumer, job id, payload, next attempt, enqueued_at,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY
 from ..slots import BUSY, ERRORS, IDLE, TASK_START, TASKS
-from .consumer import run_jobs
+from .consumer import MAX_BATCH, run_jobs
 from .jobs import BrokerError, Job, consumer_name
 from .urls import open_broker
 
@@ -64,7 +64,8 @@ def serve_jobs(spec: WorkerSpec, ctx: Context, options: JobOptions) -> int:
     counted = CountedJobs(spec, ctx)
     try:
         code = run_jobs(counted.task, ctx, broker, options.queue, options.job_timeout, options.max_retries,
-                        options.retry_delay, ctx._wake_fd, consumer=consumer, on_state=counted.on_state)
+                        options.retry_delay, ctx._wake_fd, consumer=consumer, on_state=counted.on_state,
+                        jobs_left=counted.jobs_left)
     finally:
         try:
             broker.close()
@@ -91,6 +92,11 @@ class CountedJobs:
             slot.state = BUSY
         else:
             slot.state = IDLE
+
+    def jobs_left(self) -> int:
+        """Jobs this worker may still run before max_tasks recycles it (a bound on prefetching)."""
+        most = self.spec.max_tasks
+        return max(1, most - self.done) if most else MAX_BATCH
 
     def task(self, ctx: Context, job: Job) -> Any:
         began = time.monotonic_ns()

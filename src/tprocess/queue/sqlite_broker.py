@@ -48,11 +48,14 @@ CREATE TABLE IF NOT EXISTS done (
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
-FETCH = f"""
-UPDATE jobs SET state = {RUNNING}, attempt = attempt + (state = {RUNNING}), visible_at = :lease,
-    consumer = :consumer, token = token + 1
-WHERE id = (SELECT id FROM jobs WHERE queue = :queue AND state < 2 AND visible_at <= :now
-            ORDER BY visible_at, id LIMIT 1)
+DUE = f"""
+SELECT id FROM jobs WHERE queue = ? AND state < {DEAD} AND visible_at <= ? ORDER BY visible_at, id LIMIT ?
+"""
+
+CLAIM = f"""
+UPDATE jobs SET state = {RUNNING}, attempt = attempt + (state = {RUNNING}), visible_at = ?, consumer = ?,
+    token = token + 1
+WHERE id IN (%s)
 RETURNING id, data, attempt, enqueued_at, token
 """
 
@@ -176,21 +179,27 @@ class SQLiteBroker(Broker):
 
     def fetch(self, queue: str, consumer: str, timeout_s: float, job_timeout: float,
               wake_fd: int | None = None) -> Job | None:
+        jobs = self.fetch_many(queue, consumer, 1, timeout_s, job_timeout, wake_fd)
+        return jobs[0] if jobs else None
+
+    def fetch_many(self, queue: str, consumer: str, count: int, timeout_s: float, job_timeout: float,
+                   wake_fd: int | None = None, acks: list[Job] | None = None) -> list[Job]:
         check_queue_name(queue)
         deadline = time.monotonic() + timeout_s
+        acks = acks if acks is not None else []
         while True:
-            job, next_due = self._try_fetch(queue, consumer, job_timeout)
-            if job is not None:
-                return job
+            jobs, next_due = self._try_fetch(queue, consumer, count, job_timeout, acks)
+            if jobs:
+                return jobs
             now = time.monotonic()
             if now >= deadline:
-                return None
+                return []
             watch = self._file_watch()
             slice_s = MAX_WAIT_SLICE if watch.fileno() is not None else POLL_WITHOUT_INOTIFY
             wait = min(deadline - now, slice_s, max(0.0, next_due - now) if next_due else slice_s)
             ready = wait_for_fds([watch.fileno(), wake_fd], wait)
             if wake_fd is not None and wake_fd in ready:
-                return None
+                return []
             if watch.fileno() in ready:
                 watch.drain()
 
@@ -200,38 +209,64 @@ class SQLiteBroker(Broker):
             self._watch = FileWatch(self.path + "-wal")
         return self._watch
 
-    def _try_fetch(self, queue: str, consumer: str, job_timeout: float) -> tuple[Job | None, float | None]:
-        """One due job (or None and when the next one is due); bad payloads are dead-lettered."""
-        conn = self._db()
+    def _try_fetch(self, queue: str, consumer: str, count: int, job_timeout: float,
+                   acks: list[Job]) -> tuple[list[Job], float | None]:
+        """The done jobs deleted and up to `count` due jobs claimed, in one write transaction; with none
+        due, when the next one is. Bad payloads are dead-lettered."""
         while True:
             now = time.monotonic()
-            with self._errors():
-                row = conn.execute(FETCH, {"lease": now + job_timeout, "consumer": consumer,
-                                           "queue": queue, "now": now}).fetchone()
-                if row is None:
+            with self._transaction() as conn:
+                if acks:
+                    self._delete_done(conn, acks)
+                ids = [row[0] for row in conn.execute(DUE, (queue, now, count))]
+                if not ids:
                     due = conn.execute(f"SELECT MIN(visible_at) FROM jobs WHERE queue = ? AND state < {DEAD}",
                                        (queue,)).fetchone()[0]
-                    return None, due
-            job_id, text, attempt, enqueued_at, token = row
-            job = Job(str(job_id), None, attempt, queue, enqueued_at, receipt=(job_id, token))
-            try:
-                job.data = decode_payload(text)
-            except ValueError as exc:
-                self.dead(job, f"payload is not valid JSON: {exc}")
-                continue
-            return job, None
+                    rows = []
+                else:
+                    rows = conn.execute(CLAIM % ",".join("?" * len(ids)),
+                                        (now + job_timeout, consumer, *ids)).fetchall()
+            acks.clear()
+            if not rows:
+                return [], due
+            order = {job_id: n for n, job_id in enumerate(ids)}  # RETURNING has no order of its own
+            jobs = [job for row in sorted(rows, key=lambda row: order[row[0]])
+                    if (job := self._to_job(queue, row)) is not None]
+            if jobs:
+                return jobs, None
+
+    def _to_job(self, queue: str, row: tuple[Any, ...]) -> Job | None:
+        job_id, text, attempt, enqueued_at, token = row
+        job = Job(str(job_id), None, attempt, queue, enqueued_at, receipt=(job_id, token))
+        try:
+            job.data = decode_payload(text)
+        except ValueError as exc:
+            self.dead(job, f"payload is not valid JSON: {exc}")
+            return None
+        return job
+
+    def _delete_done(self, conn: sqlite3.Connection, jobs: list[Job]) -> None:
+        """Inside a write transaction: the done jobs deleted and counted (a job whose lease passed to
+        another consumer meanwhile has a new token: it is left alone)."""
+        second = int(time.monotonic())
+        for queue in {job.queue for job in jobs}:
+            deleted = conn.executemany("DELETE FROM jobs WHERE id = ? AND token = ?",
+                                       [job.receipt for job in jobs if job.queue == queue]).rowcount
+            if deleted:
+                conn.execute("INSERT INTO done VALUES (?, ?, ?) ON CONFLICT DO UPDATE SET n = n + excluded.n",
+                             (queue, second, deleted))
+        if second >= self._next_prune:
+            self._next_prune = second + 10
+            conn.execute("DELETE FROM done WHERE second < ?", (second - DONE_KEEP_S,))
 
     def ack(self, job: Job) -> None:
-        job_id, token = job.receipt
-        second = int(time.monotonic())
-        with self._transaction() as conn:
-            deleted = conn.execute("DELETE FROM jobs WHERE id = ? AND token = ?", (job_id, token)).rowcount
-            if deleted:
-                conn.execute("INSERT INTO done VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET n = n + 1",
-                             (job.queue, second))
-            if second >= self._next_prune:
-                self._next_prune = second + 10
-                conn.execute("DELETE FROM done WHERE second < ?", (second - DONE_KEEP_S,))
+        self.ack_many([job])
+
+    def ack_many(self, jobs: list[Job]) -> None:
+        if jobs:
+            with self._transaction() as conn:
+                self._delete_done(conn, jobs)
+            jobs.clear()
 
     def retry(self, job: Job, delay: float, error_text: str) -> None:
         job_id, token = job.receipt
@@ -254,6 +289,12 @@ class SQLiteBroker(Broker):
             self._db().execute(
                 f"UPDATE jobs SET state = {WAITING}, visible_at = 0, consumer = NULL"
                 " WHERE id = ? AND token = ?", (job_id, token))
+
+    def hand_back_many(self, jobs: list[Job]) -> None:
+        if jobs:
+            with self._transaction() as conn:
+                conn.executemany(f"UPDATE jobs SET state = {WAITING}, visible_at = 0, consumer = NULL"
+                                 " WHERE id = ? AND token = ?", [job.receipt for job in jobs])
 
     # --- seeing and handling ------------------------------------------------------------
 
