@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from helpers import Instance, gone, instance_procs, master_of, wait_for, workers_of
+from helpers import TPROCESS, Instance, gone, instance_procs, master_of, wait_for, workers_of
 from queue_fixtures import RedisServer
 
 from tprocess.queue import open_broker
@@ -313,6 +315,28 @@ def test_unreachable_broker_at_start_is_one_line_before_anything_forks(inst, tmp
         assert result.returncode == code, (result.stdout, result.stderr)
         assert result.stderr.count("\n") == 1 and "tprocess: error: broker unreachable:" in result.stderr
         assert not instance_procs(inst.name) and not inst.log.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare")
+def test_sqlite_on_a_read_only_file_system_is_one_clear_line(inst, tmp_path):
+    """A read-only tmpfs mounted in a mount namespace of the command's own (nothing mounted
+    on the machine): start and enqueue each say why in one line, and nothing runs."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    broker = f"sqlite://{folder}/q.sqlite3"
+    setup_instance(inst, broker)
+    script = (f"mount -t tmpfs -o ro,size=1m tmpfs {folder} || exit 99; "
+              f"{TPROCESS} start -c tprocess.toml -d --name {inst.name} --log-file {inst.log}; echo rc=$?; "
+              f"{TPROCESS} enqueue --broker {broker} ip '{{}}'; echo rc=$?")
+    result = subprocess.run(["unshare", "--mount", "sh", "-c", script], cwd=inst.dir,
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode == 99:
+        pytest.skip("no tmpfs mount here")
+    assert result.stdout.split() == ["rc=1", "rc=1"], (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 2 and all(line.startswith("tprocess: error: ") for line in lines), lines
+    assert all("is read-only" in line for line in lines), lines
+    assert not instance_procs(inst.name)
 
 
 # --- async ----------------------------------------------------------------------------------------

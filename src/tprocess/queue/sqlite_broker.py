@@ -87,7 +87,20 @@ class SQLiteBroker(Broker):
         try:
             yield
         except sqlite3.Error as exc:
-            raise BrokerError(f"{self.url}: {exc}") from None
+            raise BrokerError(f"{self.url}: {exc}{self._why_not_writable()}") from None
+
+    def _why_not_writable(self) -> str:
+        """SQLite says "unable to open database file" or "attempt to write a readonly database":
+        say why, when it is the file system or the permissions."""
+        folder = os.path.dirname(self.path) or "."
+        try:
+            if os.statvfs(folder).f_flag & os.ST_RDONLY:
+                return f" (the file system of {folder!r} is read-only)"
+        except OSError:
+            return ""
+        if not os.access(folder, os.W_OK):
+            return f" (no permission to write in {folder!r})"
+        return ""
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
