@@ -54,8 +54,9 @@ class Runner:
         self.recycle: tuple[int, str] | None = None  # max_tasks / max_memory reached
         self._starts: dict[int, int] = {}  # call token -> CLOCK_MONOTONIC ns it began
         self._next_token = 0
-        self._done = 0
-        self._next_memory_check = 0
+        from .worker import Recycling
+
+        self.recycling = Recycling(spec.max_tasks, spec.max_memory)
         words, base = spec.slot.words, spec.slot.base
         self._words, self._tasks_word, self._errors_word = words, base + TASKS, base + ERRORS
         self._start_word = base + TASK_START
@@ -137,25 +138,16 @@ class Runner:
 
     def count(self, ok: bool, began_ns: int) -> None:
         """One call ended: tasks or errors, the duration histogram, and recycling by the worker's limits."""
-        from .worker import RECYCLE_MAX_MEMORY, RECYCLE_MAX_TASKS, _count_duration, _resident_bytes
+        from .worker import _count_duration
 
         words = self._words
         words[self._tasks_word if ok else self._errors_word] += 1
-        spec = self.spec
         ended = time.monotonic_ns()
-        if spec.histogram:
-            _count_duration(words, spec.slot.base, ended - began_ns)
-        self._done += 1
+        if self.spec.histogram:
+            _count_duration(words, self.spec.slot.base, ended - began_ns)
         if self.recycle is not None:
             return
-        if spec.max_tasks and self._done >= spec.max_tasks:
-            self.recycle = (RECYCLE_MAX_TASKS, f"after {self._done} tasks (max_tasks)")
-        elif spec.max_memory and ended >= self._next_memory_check:
-            self._next_memory_check = ended + 1_000_000_000
-            rss = _resident_bytes()
-            if rss > spec.max_memory:
-                self.recycle = (RECYCLE_MAX_MEMORY, f"with {rss / 2**20:.1f} MiB resident, past max_memory "
-                                f"{spec.max_memory / 2**20:.1f} MiB")
+        self.recycle = self.recycling.due(ended)
         if self.recycle is not None:
             self.stop()
 

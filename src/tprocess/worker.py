@@ -276,9 +276,9 @@ def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
     words, base = slot.words, slot.base
     tasks_word, errors_word, start_word = base + TASKS, base + ERRORS, base + TASK_START
     clock = time.monotonic_ns
-    max_tasks, max_memory, histogram = spec.max_tasks, spec.max_memory, spec.histogram
-    done = errors_in_row = 0
-    next_memory_check = 0
+    histogram = spec.histogram
+    recycling = Recycling(spec.max_tasks, spec.max_memory)
+    errors_in_row = 0
     words[start_word] = clock()
     slot.state = BUSY
     while not ctx.stopping:
@@ -294,16 +294,34 @@ def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
         ended = clock()
         if histogram:
             _count_duration(words, base, ended - began)
-        done += 1
-        if max_tasks and done >= max_tasks:
-            return _recycle(spec, RECYCLE_MAX_TASKS, f"after {done} tasks (max_tasks)")
-        if max_memory and ended >= next_memory_check:
-            next_memory_check = ended + MEMORY_CHECK_NS
-            rss = _resident_bytes()
-            if rss > max_memory:
-                return _recycle(spec, RECYCLE_MAX_MEMORY, f"with {rss / 2**20:.1f} MiB resident, "
-                                f"past max_memory {max_memory / 2**20:.1f} MiB")
+        why = recycling.due(ended)
+        if why is not None:
+            return _recycle(spec, *why)
     return EXIT_OK
+
+
+class Recycling:
+    """max_tasks and max_memory: whether a worker should end itself after a task (or a job)."""
+
+    __slots__ = ("max_tasks", "max_memory", "unit", "done", "next_memory_check")
+
+    def __init__(self, max_tasks: int, max_memory: int, unit: str = "tasks") -> None:
+        self.max_tasks, self.max_memory, self.unit = max_tasks, max_memory, unit
+        self.done = 0
+        self.next_memory_check = 0
+
+    def due(self, ended_ns: int) -> tuple[int, str] | None:
+        """Count one more task ended at ended_ns; the reason to recycle now, if any."""
+        self.done += 1
+        if self.max_tasks and self.done >= self.max_tasks:
+            return RECYCLE_MAX_TASKS, f"after {self.done} {self.unit} (max_tasks)"
+        if self.max_memory and ended_ns >= self.next_memory_check:
+            self.next_memory_check = ended_ns + MEMORY_CHECK_NS  # RSS read at most once a second
+            rss = _resident_bytes()
+            if rss > self.max_memory:
+                return RECYCLE_MAX_MEMORY, (f"with {rss / 2**20:.1f} MiB resident, "
+                                            f"past max_memory {self.max_memory / 2**20:.1f} MiB")
+        return None
 
 
 def _count_duration(words: memoryview, base: int, took: int) -> None:

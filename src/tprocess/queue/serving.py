@@ -81,9 +81,10 @@ class CountedJobs:
         self.spec, self.ctx = spec, ctx
         slot = spec.slot
         self.words, self.base = slot.words, slot.base
-        self.done = 0
         self.recycle: tuple[int, str] | None = None
-        self.next_memory_check = 0
+        from ..worker import Recycling
+
+        self.recycling = Recycling(spec.max_tasks, spec.max_memory, "jobs")
 
     def on_state(self, state: str) -> None:
         slot = self.spec.slot
@@ -96,7 +97,7 @@ class CountedJobs:
     def jobs_left(self) -> int:
         """Jobs this worker may still run before max_tasks recycles it (a bound on prefetching)."""
         most = self.spec.max_tasks
-        return max(1, most - self.done) if most else MAX_BATCH
+        return max(1, most - self.recycling.done) if most else MAX_BATCH
 
     def task(self, ctx: Context, job: Job) -> Any:
         began = time.monotonic_ns()
@@ -110,21 +111,12 @@ class CountedJobs:
             self._after_job(began)
 
     def _after_job(self, began: int) -> None:
-        from ..worker import RECYCLE_MAX_MEMORY, RECYCLE_MAX_TASKS, _count_duration, _resident_bytes
+        from ..worker import _count_duration
 
-        spec = self.spec
         ended = time.monotonic_ns()
-        if spec.histogram:
+        if self.spec.histogram:
             _count_duration(self.words, self.base, ended - began)
-        self.done += 1
-        if spec.max_tasks and self.done >= spec.max_tasks:
-            self.recycle = (RECYCLE_MAX_TASKS, f"after {self.done} jobs (max_tasks)")
-        elif spec.max_memory and ended >= self.next_memory_check:
-            self.next_memory_check = ended + 1_000_000_000
-            rss = _resident_bytes()
-            if rss > spec.max_memory:
-                self.recycle = (RECYCLE_MAX_MEMORY, f"with {rss / 2**20:.1f} MiB resident, past max_memory "
-                                f"{spec.max_memory / 2**20:.1f} MiB")
+        self.recycle = self.recycling.due(ended)
         if self.recycle is not None:
             self.ctx.stopping = True  # run_jobs ends after this job is reported
 
