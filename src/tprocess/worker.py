@@ -18,6 +18,7 @@ import socket
 import sys
 import time
 import traceback
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -277,7 +278,9 @@ def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
     tasks_word, errors_word, start_word = base + TASKS, base + ERRORS, base + TASK_START
     clock = time.monotonic_ns
     histogram = spec.histogram
+    sum_word, buckets = base + DURATION_SUM, base + BUCKETS
     recycling = Recycling(spec.max_tasks, spec.max_memory)
+    recycle_on = bool(spec.max_tasks or spec.max_memory)
     errors_in_row = 0
     words[start_word] = clock()
     slot.state = BUSY
@@ -292,10 +295,11 @@ def _guarded_loop(spec: WorkerSpec, ctx: Context) -> int:
         except BaseException:  # noqa: BLE001 - a failing task must not end the worker
             errors_in_row = _task_failed(ctx, words, errors_word, errors_in_row)
         ended = clock()
-        if histogram:
-            _count_duration(words, base, ended - began)
-        why = recycling.due(ended)
-        if why is not None:
+        if histogram:  # inline: a call per task would double the cost of counting
+            took = ended - began
+            words[sum_word] += took
+            words[buckets + bisect_left(BOUNDS_NS, took)] += 1
+        if recycle_on and (why := recycling.due(ended)) is not None:
             return _recycle(spec, *why)
     return EXIT_OK
 
@@ -325,13 +329,9 @@ class Recycling:
 
 
 def _count_duration(words: memoryview, base: int, took: int) -> None:
+    """One task's duration into the slot's histogram (bucket i: took <= bound i; last: +Inf)."""
     words[base + DURATION_SUM] += took
-    bucket = base + BUCKETS
-    for bound in BOUNDS_NS:
-        if took <= bound:
-            break
-        bucket += 1
-    words[bucket] += 1
+    words[base + BUCKETS + bisect_left(BOUNDS_NS, took)] += 1
 
 
 def _recycle(spec: WorkerSpec, reason: int, why: str) -> int:
