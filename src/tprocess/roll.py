@@ -116,32 +116,32 @@ class Roller:
                 roll.removed.add(w)
                 g.restarts[roll.kind] += 1
                 self._retire(g, w, roll.kind)
-        for index in range(g.target):
-            if index not in g.members:
-                self._grow(g, index)
+        grown = [self._grow(g, index, roll) for index in range(g.target) if index not in g.members]
+        if grown:
+            self.m.spawn_many(grown)  # forked back to back, like at start-up
+            roll.started += [{"name": w.title, "pid": w.pid} for w in grown]
         if roll.kind == "reload":
             self._replace_some(g, roll)
 
-    def _grow(self, g: Group, index: int) -> None:
-        m, roll = self.m, self.roll
-        assert roll is not None
-        w = m.pool.new_worker(g, index, m.title(g.name, index))
+    def _grow(self, g: Group, index: int, roll: Roll) -> Worker:
+        """A new position below the target (forked by the caller)."""
+        w = self.m.pool.new_worker(g, index, self.m.title(g.name, index))
         g.members[index] = w
         roll.fresh.add(w)
         g.restarts[roll.kind] += 1
-        m.spawn(w)
-        roll.started.append({"name": w.title, "pid": w.pid})
+        return w
 
     def _replace_some(self, g: Group, roll: Roll) -> None:
         m = self.m
         batch = m.config.group_reload_batch(m.group_config(g))
         in_flight = len(g.candidates) + sum(1 for r in g.retiring if r.ending == "reload")
+        to_fork = []
         for index, w in sorted(g.members.items()):
             if w.generation == g.generation or index in g.candidates or (g.name, index) in roll.skip:
                 continue
             if not w.alive:  # backing off or failed: nothing to keep running, restart it as new
                 self._renew(g, w, roll)
-                m.spawn(w)
+                to_fork.append(w)
                 continue
             if in_flight >= batch:
                 break
@@ -149,8 +149,10 @@ class Roller:
             c.restarts = w.restarts
             g.candidates[index] = c
             roll.fresh.add(c)
-            m.spawn(c)
+            to_fork.append(c)
             in_flight += 1
+        if to_fork:
+            m.spawn_many(to_fork)
 
     def _renew(self, g: Group, w: Worker, roll: Roll) -> None:
         w.cancel_timer()
