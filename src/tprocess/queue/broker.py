@@ -31,13 +31,15 @@ class Broker(abc.ABC):
     def put_encoded(self, queue: str, payloads: list[str], delay: float = 0) -> list[str]:
         """Add jobs whose payloads are JSON text already (the fast path of `enqueue`)."""
 
-    @abc.abstractmethod
     def fetch(self, queue: str, consumer: str, timeout_s: float, job_timeout: float,
               wake_fd: int | None = None) -> Job | None:
         """The next job for `consumer`, waiting up to `timeout_s`; None on time-out or at once when
         `wake_fd` becomes readable (the caller drains it). A job whose payload is not valid JSON
         is dead-lettered with the reason and never returned."""
+        jobs = self.fetch_many(queue, consumer, 1, timeout_s, job_timeout, wake_fd)
+        return jobs[0] if jobs else None
 
+    @abc.abstractmethod
     def fetch_many(self, queue: str, consumer: str, count: int, timeout_s: float, job_timeout: float,
                    wake_fd: int | None = None, acks: list[Job] | None = None) -> list[Job]:
         """Acknowledge the done jobs in `acks`, then up to `count` jobs for `consumer` in queue order,
@@ -49,9 +51,6 @@ class Broker(abc.ABC):
         (an ack is idempotent, so sending one twice is harmless). Every job returned runs on one
         lease: its `job_timeout` clock starts now, so `count` must be small enough to finish them all.
         """
-        self.ack_many(acks or [])
-        job = self.fetch(queue, consumer, timeout_s, job_timeout, wake_fd)
-        return [] if job is None else [job]
 
     @abc.abstractmethod
     def ack(self, job: Job) -> None:

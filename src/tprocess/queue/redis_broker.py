@@ -149,11 +149,6 @@ class RedisBroker(Broker):
 
     # --- consuming -----------------------------------------------------------------------
 
-    def fetch(self, queue: str, consumer: str, timeout_s: float, job_timeout: float,
-              wake_fd: int | None = None) -> Job | None:
-        jobs = self.fetch_many(queue, consumer, 1, timeout_s, job_timeout, wake_fd)
-        return jobs[0] if jobs else None
-
     def fetch_many(self, queue: str, consumer: str, count: int, timeout_s: float, job_timeout: float,
                    wake_fd: int | None = None, acks: list[Job] | None = None) -> list[Job]:
         check_queue_name(queue)
