@@ -149,16 +149,18 @@ def test_a_job_fetched_as_the_stop_comes_is_handed_back_unstarted(broker_url):
     producer.close()
 
 
-def test_task_exiting_ends_the_loop_with_its_code_and_the_job_is_retried(broker_url):
+@pytest.mark.parametrize("exit_with,code", [(7, 7), (None, 0), (263, 7)])
+def test_task_exiting_ends_the_loop_with_its_code_and_the_job_is_retried(broker_url, exit_with, code):
+    """The worker's exit code is worked out as for a plain task: sys.exit() is a planned exit (0)."""
     producer = open_broker(broker_url)
     producer.put("ip", "exit")
 
     def task(ctx, job):
-        raise SystemExit(7)
+        raise SystemExit(exit_with)
     loop = Loop(broker_url, task)
     try:
         loop.thread.join(10)
-        assert loop.code == 7
+        assert loop.code == code
     finally:
         loop.close()
     job = producer.fetch("ip", "other", 5, 30)

@@ -257,7 +257,7 @@ def test_reload_adds_removes_and_resizes_groups(inst):
 
 
 @pytest.mark.timeout(60)
-def test_sighup_reloads_and_a_second_reload_during_a_roll_is_refused(inst):
+def test_sighup_reloads_and_a_second_reload_or_a_scale_during_a_roll_is_refused(inst):
     inst.write("jobs.py", JOBS)
     write_code(inst, "v1", seconds=0.05)
     before = start_config(inst, workers=2)
@@ -267,6 +267,8 @@ def test_sighup_reloads_and_a_second_reload_during_a_roll_is_refused(inst):
     wait_for(lambda: status_json(inst)["master"]["state"] == "reloading", 10, what="the roll")
     second = inst.run("reload")
     assert second.returncode == 1 and "in progress" in second.stderr, second.stderr
+    scaled = inst.run("scale", "3")  # nor a scale while it rolls
+    assert scaled.returncode == 1 and "in progress" in scaled.stderr, scaled.stderr
     wait_for(lambda: status_json(inst)["master"]["state"] == "running", 20, what="the roll to end")
     after = inst.wait_workers(2)
     assert not {p.pid for p in after.values()} & {p.pid for p in before.values()}

@@ -217,7 +217,7 @@ class Commands:
         if not getattr(self.m.config, "metrics", None):
             return None
         slots = self.m.slots
-        counts = list(g.durations_done) or [0] * (len(DURATION_BOUNDS) + 1)
+        counts = list(g.durations_done)
         total = g.duration_sum_done
         for w in workers:
             counts = [a + b for a, b in zip(counts, slots[w.slot].durations(), strict=True)]

@@ -78,8 +78,10 @@ class GroupConfig:
     concurrency: int | None = None  # async tasks: jobs in flight (or loops) per worker
     refs: dict[str, TaskRef] = field(default_factory=dict, repr=False)  # as written, before import
 
-    def title(self, prefix: str, index: int) -> str:
-        return f"{prefix}-{self.name}-{index}" if self.name else f"{prefix}-{index}"
+
+def worker_title(prefix: str, group: str, index: int) -> str:
+    """PREFIX-GROUP-I, or PREFIX-I for the unnamed group of `start TASK -n N`."""
+    return f"{prefix}-{group}-{index}" if group else f"{prefix}-{index}"
 
 
 @dataclass

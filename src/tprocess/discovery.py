@@ -97,15 +97,21 @@ def _prove(pid: int, title: str, marker: str) -> ProcessRef | None:
     return ProcessRef(pid, ticks, title)
 
 
-def start_ticks(pid: int) -> int | None:
-    """The process start time in clock ticks since boot (/proc/PID/stat field 22)."""
+def stat_fields(pid: int) -> list[bytes] | None:
+    """/proc/PID/stat from its field 3 (the state) on: fields[0] is field 3 of proc(5),
+    fields[19] the start time (22). None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
             stat = fh.read()
     except OSError:
         return None
-    fields = stat[stat.rindex(b")") + 2 :].split()
-    if fields[0] == b"Z":
+    return stat[stat.rindex(b")") + 2 :].split()  # the title may hold spaces and parentheses
+
+
+def start_ticks(pid: int) -> int | None:
+    """The process start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == b"Z":
         return None
     return int(fields[19])
 

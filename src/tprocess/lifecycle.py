@@ -135,8 +135,9 @@ class Lifecycle:
     def kill(self, w: Worker, why: str, reason: str | None = None) -> None:
         """SIGKILL a worker now, saying whether a task is cut."""
         m = self.m
+        busy = m.slots[w.slot].state == BUSY
         state = STATE_NAMES[m.slots[w.slot].state]
-        if state == STATE_NAMES[BUSY]:
+        if busy:
             log.error("killing %s (pid %d) in the middle of a task: %s", w.title, w.pid, why)
         else:
             log.warning("killing %s (pid %d, %s): %s", w.title, w.pid, state, why)

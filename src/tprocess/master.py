@@ -27,7 +27,7 @@ import setproctitle
 
 from . import auxiliary, control, logs, notify, output, worker
 from .commands import Commands, StopReport
-from .config import Config, GroupConfig
+from .config import Config, GroupConfig, worker_title
 from .fdranges import TrackedSelector, ranges_with
 from .guards import Guards
 from .leftovers import Leftovers, become_subreaper
@@ -98,7 +98,7 @@ class Master:
                 g.members[index] = self.pool.new_worker(g, index, self.title(g.name, index))
 
     def title(self, group: str, index: int) -> str:
-        return f"{self.config.name}-{group}-{index}" if group else f"{self.config.name}-{index}"
+        return worker_title(self.config.name, group, index)
 
     def group_config(self, w: Worker | Group) -> GroupConfig:
         config = self.generations[w.generation].group(w.name if isinstance(w, Group) else w.group)

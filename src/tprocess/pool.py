@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from .config import GroupConfig
-from .slots import DURATION_SUM, SlotTable
+from .slots import BUCKET_COUNT, DURATION_SUM, SlotTable
 from .timers import Timer
 
 
@@ -101,7 +101,7 @@ class Group:
     retiring: list[Worker] = field(default_factory=list)  # asked to stop for good, not exited yet
     tasks_done: int = 0  # tasks of positions that no longer exist
     errors_done: int = 0
-    durations_done: list[int] = field(default_factory=list)
+    durations_done: list[int] = field(default_factory=lambda: [0] * BUCKET_COUNT)
     duration_sum_done: int = 0
     restarts: Counter[str] = field(default_factory=Counter)  # replacements by reason
     rates: deque[tuple[float, int]] = field(default_factory=deque)  # (time, tasks) samples
@@ -155,10 +155,7 @@ class Pool:
         slot = self.slots[w.slot]
         g.tasks_done += slot.tasks
         g.errors_done += slot.errors
-        buckets = slot.durations()
-        if not g.durations_done:
-            g.durations_done = [0] * len(buckets)
-        g.durations_done = [a + b for a, b in zip(g.durations_done, buckets, strict=True)]
+        g.durations_done = [a + b for a, b in zip(g.durations_done, slot.durations(), strict=True)]
         g.duration_sum_done += slot.word(DURATION_SUM)
         w.cancel_timer()
         w.move(Phase.GONE)

@@ -28,7 +28,8 @@ EXIT_REASON = 5  # why the worker ended itself: one of the RECYCLE_* codes
 DURATION_SUM = 6  # ns spent in tasks (only counted when metrics are on)
 BUCKETS = 7  # task-duration histogram: one word per bound, then +Inf
 DURATION_BOUNDS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0)  # seconds
-WORDS_PER_SLOT = BUCKETS + len(DURATION_BOUNDS) + 1
+BUCKET_COUNT = len(DURATION_BOUNDS) + 1
+WORDS_PER_SLOT = BUCKETS + BUCKET_COUNT
 
 RECYCLE_NONE, RECYCLE_MAX_TASKS, RECYCLE_MAX_MEMORY = 0, 1, 2
 RECYCLE_REASONS = {RECYCLE_MAX_TASKS: "max_tasks", RECYCLE_MAX_MEMORY: "max_memory"}

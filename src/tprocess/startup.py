@@ -43,9 +43,7 @@ class Startup:
             w = self.m.pool.by_pid.get(int(head))
             if w is None:
                 continue
-            if kind == b"R":
-                self._on_ready(w)
-            elif kind == b"E":
+            if kind == b"E":  # a setup's traceback: too long for the ready pipe's atomic writes
                 self.setup_errors[w.group] = detail.decode(errors="replace")
         self.check()
 

@@ -35,6 +35,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import control
+from .discovery import stat_fields
 from .status_view import (
     STATE_STYLES,
     format_bytes,
@@ -180,12 +181,9 @@ class ProcStat:
 
 
 def read_proc_stat(pid: int) -> ProcStat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            raw = fh.read()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return None
-    fields = raw[raw.rindex(b")") + 2:].split()  # the title may hold spaces and parentheses
     # fields[0] is field 3 of proc(5): utime 14, stime 15, starttime 22, rss 24
     return ProcStat(int(fields[11]) + int(fields[12]), int(fields[19]), int(fields[21]) * PAGE_SIZE)
 

@@ -134,7 +134,7 @@ class WorkerSpec:
     histogram: bool = False  # count task durations (metrics are on)
     jobs: Any = None  # queue.serving.JobOptions: the task runs once per job of this queue
     concurrency: int = 1  # async tasks: jobs in flight, or loops, at once
-    ready_fd: int = -1  # the master's ready pipe (-1: report readiness on `report`)
+    ready_fd: int = -1  # the master's ready pipe
 
 
 def jobs_of(config: Any, group: Any) -> Any:
@@ -376,9 +376,6 @@ def _report(spec: WorkerSpec, message: bytes) -> None:
 def _report_ready(spec: WorkerSpec, pid: int) -> None:
     """"R PID" on the ready pipe: a few bytes, written at once (a datagram queue holds ~280
     of them; a full one blocked the rest of 2,000 starting workers until the master read)."""
-    if spec.ready_fd < 0:
-        _report(spec, b"R %d" % pid)
-        return
     try:
         os.write(spec.ready_fd, b"R %d\n" % pid)  # under PIPE_BUF: never mixed with another's
     except OSError:

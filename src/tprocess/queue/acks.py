@@ -78,7 +78,10 @@ class HeldAcks:
         try:
             while self._pending.wait() and not self._closing.is_set():
                 with self._lock:
-                    late = self._jobs and time.monotonic() - self._oldest >= MAX_HOLD
+                    if not self._jobs:  # taken meanwhile: sleep until a job starts with acks held
+                        self._pending.clear()
+                        continue
+                    late = time.monotonic() - self._oldest >= MAX_HOLD
                     due = self._oldest + MAX_HOLD
                     jobs = self._take_locked() if late else []
                 if not jobs:

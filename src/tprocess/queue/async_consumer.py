@@ -58,25 +58,27 @@ class AsyncJobs(Runner):
     async def main(self) -> None:
         loop = asyncio.get_running_loop()
         self.room.set()
-        while not self.stopping:
-            await self._wait_for_room()
-            if self.stopping:
-                break
-            jobs = await self._fetch(loop, self.concurrency - len(self.running))
-            if self.stopping and jobs:  # fetched in the same instant as the stop: give them back unstarted
-                await loop.run_in_executor(self.fetcher, self._hand_back, jobs)
-                break
-            for job in jobs:
-                future = asyncio.ensure_future(self._run(job))
-                self.running.add(future)
-                future.add_done_callback(self._finished)
-            if len(self.running) >= self.concurrency:
-                self.room.clear()
-        if self.running:  # a stop lets every job in flight finish
-            await asyncio.gather(*self.running)
-        if self.flush_task is not None:  # every ack is sent before the worker exits
-            await self.flush_task
-        await self._flush()
+        try:
+            while not self.stopping:
+                await self._wait_for_room()
+                if self.stopping:
+                    break
+                jobs = await self._fetch(loop, self.concurrency - len(self.running))
+                if self.stopping and jobs:  # fetched in the same instant as the stop: back unstarted
+                    await loop.run_in_executor(self.fetcher, self._hand_back, jobs)
+                    break
+                for job in jobs:
+                    future = asyncio.ensure_future(self._run(job))
+                    self.running.add(future)
+                    future.add_done_callback(self._finished)
+                if len(self.running) >= self.concurrency:
+                    self.room.clear()
+        finally:  # even if a fetch failed unexpectedly: finish what runs, send every ack held
+            if self.running:  # a stop lets every job in flight finish
+                await asyncio.gather(*self.running)
+            if self.flush_task is not None:
+                await self.flush_task
+            await self._flush()
 
     async def _wait_for_room(self) -> None:
         stop = asyncio.ensure_future(self.stop_event.wait())

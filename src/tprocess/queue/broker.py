@@ -52,16 +52,14 @@ class Broker(abc.ABC):
         lease: its `job_timeout` clock starts now, so `count` must be small enough to finish them all.
         """
 
-    @abc.abstractmethod
     def ack(self, job: Job) -> None:
         """The job is done: remove it."""
+        self.ack_many([job])
 
+    @abc.abstractmethod
     def ack_many(self, jobs: list[Job]) -> None:
         """Every job of `jobs` is done: remove them (one round trip where the broker can). The jobs
         acknowledged are removed from the list, so on a BrokerError it holds the ones still to send."""
-        while jobs:
-            self.ack(jobs[0])
-            del jobs[0]
 
     @abc.abstractmethod
     def retry(self, job: Job, delay: float, error_text: str) -> None:
@@ -71,14 +69,13 @@ class Broker(abc.ABC):
     def dead(self, job: Job, error_text: str) -> None:
         """The job failed for good: move it to the queue's dead-letter list with the error."""
 
-    @abc.abstractmethod
     def hand_back(self, job: Job) -> None:
         """A job fetched but not started: make it available again at once, same attempt."""
+        self.hand_back_many([job])
 
+    @abc.abstractmethod
     def hand_back_many(self, jobs: list[Job]) -> None:
         """Jobs fetched but not started (a prefetched batch cut by a stop): available again at once."""
-        for job in jobs:
-            self.hand_back(job)
 
     @abc.abstractmethod
     def stats(self, queue: str | None = None) -> dict[str, dict[str, Any]]:

@@ -131,7 +131,9 @@ def _run_one(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, job: Job
     except SystemExit as exc:  # the task ends its worker: the job counts as a failed attempt
         _failed(ctx, broker, job, f"the task raised SystemExit({exc.code!r})", max_retries, retry_delay,
                 max_retry_delay, reject=False)
-        return (exc.code if isinstance(exc.code, int) else 1), False
+        from ..worker import _exit_code
+
+        return _exit_code(exc), False
     except BaseException as exc:  # noqa: BLE001 - a failing job must not end the worker
         _failed(ctx, broker, job, traceback.format_exc(), max_retries, retry_delay, max_retry_delay,
                 reject=isinstance(exc, Reject))

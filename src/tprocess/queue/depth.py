@@ -26,13 +26,22 @@ def add_queue_depths(status: dict[str, Any]) -> None:
     try:
         stats = _broker(url).stats()
     except (BrokerError, ImportError, ValueError) as exc:
-        _brokers.pop(url, None)
+        _forget(url)
         for queue in queues:
             queue["error"] = str(exc)
         return
     for queue in queues:
         depth = stats.get(queue["name"], {})
         queue.update({key: int(depth.get(key) or 0) for key in DEPTH_KEYS})
+
+
+def _forget(url: str) -> None:
+    broker = _brokers.pop(url, None)
+    if broker is not None:
+        try:
+            broker.close()
+        except BrokerError:
+            pass
 
 
 def _broker(url: str) -> Broker:

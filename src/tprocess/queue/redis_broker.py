@@ -16,7 +16,6 @@ short BLOCK slice.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 import uuid
@@ -25,12 +24,12 @@ from typing import Any, TypeVar
 
 import redis
 
+from ..logs import log
 from . import redis_scripts
 from .broker import Broker
 from .jobs import BrokerError, DeadJob, Job, check_queue_name, decode_payload
 from .waiting import wait_for_fds
 
-log = logging.getLogger("tprocess")
 T = TypeVar("T")
 
 GROUP = "tprocess"
@@ -294,9 +293,6 @@ class RedisBroker(Broker):
         eid, consumer, text = job.receipt
         return [GROUP, eid, consumer, job.id, text]
 
-    def ack(self, job: Job) -> None:
-        self.ack_many([job])
-
     def ack_many(self, jobs: list[Job]) -> None:
         for queue in sorted({job.queue for job in jobs}):
             key = stream_key(queue)
@@ -314,9 +310,6 @@ class RedisBroker(Broker):
         key = stream_key(job.queue)
         args = [*self._job_args(job), job.attempt, job.enqueued_at, error_text]
         self._call("dead", lambda: self._s["DEAD"](keys=[key, key + ":dead"], args=args))
-
-    def hand_back(self, job: Job) -> None:
-        self.hand_back_many([job])
 
     def hand_back_many(self, jobs: list[Job]) -> None:
         if not jobs:

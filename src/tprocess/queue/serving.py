@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..config import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY
+from ..config import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY, _first
 from ..slots import BUSY, ERRORS, IDLE, TASK_START, TASKS
 from .consumer import MAX_BATCH, run_jobs
 from .jobs import BrokerError, Job, consumer_name
@@ -45,10 +45,6 @@ def job_options(config: Config, group: GroupConfig) -> JobOptions | None:
         max_retries=int(_first(group.max_retries, DEFAULT_MAX_RETRIES)),
         retry_delay=_first(group.retry_delay, DEFAULT_RETRY_DELAY),
         concurrency=int(_first(group.concurrency, 1)))
-
-
-def _first(value: Any, default: Any) -> Any:
-    return default if value is None else value
 
 
 def serve_jobs(spec: WorkerSpec, ctx: Context, options: JobOptions) -> int:

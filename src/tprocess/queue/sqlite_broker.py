@@ -107,6 +107,8 @@ class SQLiteBroker(Broker):
             return self._conn
         if self._conn is not None:  # forked: the parent's connection must not be touched here
             _inherited.append(self._conn)
+            if self._watch is not None:
+                self._watch.close()  # the child's copy of the parent's inotify descriptor
             self._conn, self._watch = None, None
         folder = os.path.dirname(self.path) or "."
         if not os.path.isdir(folder):
@@ -172,6 +174,8 @@ class SQLiteBroker(Broker):
             self._watch = None
         if self._conn is not None and self._pid == os.getpid():
             self._conn.close()
+        elif self._conn is not None:  # a parent's, after fork: never closed here (nor by the gc)
+            _inherited.append(self._conn)
         self._conn = None
 
     # --- producing --------------------------------------------------------------------
@@ -267,9 +271,6 @@ class SQLiteBroker(Broker):
             self._next_prune = second + 10
             conn.execute("DELETE FROM done WHERE second < ?", (second - DONE_KEEP_S,))
 
-    def ack(self, job: Job) -> None:
-        self.ack_many([job])
-
     def ack_many(self, jobs: list[Job]) -> None:
         if jobs:
             with self._transaction() as conn:
@@ -291,15 +292,8 @@ class SQLiteBroker(Broker):
                 f"UPDATE jobs SET state = {DEAD}, consumer = NULL, error = ?, failed_at = ?"
                 " WHERE id = ? AND token = ?", (error_text, time.time(), job_id, token))
 
-    def hand_back(self, job: Job) -> None:
-        job_id, token = job.receipt
-        with self._errors():  # not started: same attempt, and first in line again
-            self._db().execute(
-                f"UPDATE jobs SET state = {WAITING}, visible_at = 0, consumer = NULL"
-                " WHERE id = ? AND token = ?", (job_id, token))
-
     def hand_back_many(self, jobs: list[Job]) -> None:
-        if jobs:
+        if jobs:  # not started: same attempt, and first in line again
             with self._transaction() as conn:
                 conn.executemany(f"UPDATE jobs SET state = {WAITING}, visible_at = 0, consumer = NULL"
                                  " WHERE id = ? AND token = ?", [job.receipt for job in jobs])
