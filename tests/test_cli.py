@@ -154,6 +154,23 @@ def test_fast_commands_import_nothing_heavy(inst, args):
     assert not loaded & FORBIDDEN_ON_THE_FAST_PATH, sorted(loaded & FORBIDDEN_ON_THE_FAST_PATH)
 
 
+NOT_IN_THE_MASTER = ("threading", "logging", "setproctitle", "typing")
+
+
+def test_workers_inherit_no_threading_or_logging_from_the_master(inst):
+    """A worker is a fork of the master: what the master imported is in every worker. The
+    standard logging (through setproctitle's package too) brings threading, whose at-fork
+    handler makes each new worker copy ~90 more of the master's pages (bench/child_cost.py)."""
+    seen = inst.dir / "modules.txt"
+    inst.write("jobs.py", "import sys\n"
+               "def work(ctx):\n"
+               f"    loaded = [m for m in {NOT_IN_THE_MASTER!r} if m in sys.modules]\n"
+               f"    open({str(seen)!r}, 'w').write(' '.join(loaded) or 'none')\n"
+               "    ctx.sleep(60)\n")
+    inst.start("jobs.py:work", "-n", "1")
+    assert wait_for(lambda: seen.exists() and seen.read_text(), timeout=30) == "none"
+
+
 def test_status_of_a_running_instance_reads_memory_from_proc_without_psutil(inst):
     """`status --json` of 500 workers: psutil's import and objects cost about 30 ms (bench/ops.py)."""
     inst.write("jobs.py", "def work(ctx):\n    ctx.sleep(1)\n")

@@ -2,31 +2,108 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
+import time
 from collections import deque
 
-log = logging.getLogger("tprocess")
+# Not the standard `logging`: importing it imports `threading`, whose at-fork handler
+# alone makes every forked worker copy ~90 more pages of the master (~360 KiB each,
+# measured: issue 8), and its module lock is taken around every fork. The master and
+# its workers need only leveled lines on one descriptor, so this is that and no more.
+
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
+_NAMES = {number: name for name, number in LEVELS.items()}
 
 _title = "tprocess"
 _recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top`
 
 
-class _RecentLines(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        _recent.append(self.format(record))
+def _master_line(level: str, text: str) -> str:
+    """`2026-11-29 06:15:42,050 title[pid] LEVEL text`, one prefix per line of text."""
+    now = time.time()
+    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"
+    head = f"{stamp} {_title}[{os.getpid()}] {level} "
+    return "".join(head + line + "\n" for line in text.split("\n"))
+
+
+class Logger:
+    """The tprocess logger (`ctx.log` in a task): debug/info/warning/error/critical/exception
+    with %-style arguments, like a `logging.Logger`. The master writes its lines to the log
+    (and keeps the last ones for `top`); a worker frames them on its fd 2 for the master."""
+
+    def __init__(self) -> None:
+        self.level = LEVELS["INFO"]
+        self.fd = 2
+        self.framed = False  # in a worker: lines are records for the master to prefix
+
+    def setLevel(self, level: int | str) -> None:  # noqa: N802 - the name logging users know
+        self.level = LEVELS[level.upper()] if isinstance(level, str) else int(level)
+
+    def isEnabledFor(self, level: int) -> bool:  # noqa: N802
+        return level >= self.level
+
+    def log(self, level: int, msg: object, *args: object, exc_info: bool = False) -> None:
+        if level < self.level:
+            return
+        try:
+            text = str(msg) % args if args else str(msg)
+            if exc_info:
+                text += "\n" + _current_traceback()
+            self._write(_NAMES.get(level, f"Level {level}"), text)
+        except Exception:  # noqa: BLE001 - a log line must never break a task or the master
+            pass
+
+    def debug(self, msg: object, *args: object, exc_info: bool = False) -> None:
+        self.log(10, msg, *args, exc_info=exc_info)
+
+    def info(self, msg: object, *args: object, exc_info: bool = False) -> None:
+        self.log(20, msg, *args, exc_info=exc_info)
+
+    def warning(self, msg: object, *args: object, exc_info: bool = False) -> None:
+        self.log(30, msg, *args, exc_info=exc_info)
+
+    def error(self, msg: object, *args: object, exc_info: bool = False) -> None:
+        self.log(40, msg, *args, exc_info=exc_info)
+
+    def critical(self, msg: object, *args: object, exc_info: bool = False) -> None:
+        self.log(50, msg, *args, exc_info=exc_info)
+
+    def exception(self, msg: object, *args: object, exc_info: bool = True) -> None:
+        self.log(40, msg, *args, exc_info=exc_info)
+
+    def _write(self, level: str, text: str) -> None:
+        if self.framed:
+            head = f"{RECORD_MARK}{level} "
+            write_fd(self.fd, "".join(head + line + "\n" for line in text.split("\n")))
+            return
+        line = _master_line(level, text)
+        _recent.extend(line.splitlines())
+        write_fd(self.fd, line)
+
+
+RECORD_MARK = "\x1e"  # ASCII record separator: starts each line of a worker's log record
+log = Logger()
+
+
+def _current_traceback() -> str:
+    import traceback  # only when there is one to print
+
+    return traceback.format_exc().rstrip("\n")
+
+
+def write_fd(fd: int, text: str) -> None:
+    """All of text on fd (a blocking descriptor); a closed one is ignored."""
+    data = text.encode(errors="replace")
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:  # a closed terminal or pipe must not stop the master or a task
+        pass
 
 
 def recent_lines(count: int) -> list[str]:
     """The last lines the master logged (its own, and its workers' when it carries them)."""
     return list(_recent)[-count:]
-
-
-class _TitleFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.title = _title
-        return True
 
 
 def set_title(title: str) -> None:
@@ -57,33 +134,23 @@ def open_log_file(path: str | os.PathLike[str]) -> int:
         raise ConfigError(f"log_file {path!r}: {exc}") from None
 
 
-def configure(level: str = "INFO", stream=None) -> None:
-    """Send the tprocess logger to stderr (which a daemon points at its log file)."""
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(title)s[%(process)d] %(levelname)s %(message)s")
-    )
-    handler.addFilter(_TitleFilter())
-    recent = _RecentLines()
-    recent.setFormatter(handler.formatter)
-    recent.addFilter(_TitleFilter())
-    log.handlers[:] = [handler, recent]
+def configure(level: str = "INFO", fd: int = 2) -> None:
+    """Send the tprocess logger's lines to fd (stderr, which a daemon points at its log file)."""
     log.setLevel(level)
-    log.propagate = False
+    log.fd = fd
+    log.framed = False
+
+
+def frame_for_master(fd: int = 2) -> None:
+    """In a worker: log records go to fd 2 as framed lines the master prefixes."""
+    log.fd = fd
+    log.framed = True
 
 
 def write_raw(text: str) -> None:
     """Write lines already in the log's format (workers' output) where the log goes."""
     _recent.extend(text.splitlines())  # `top` shows the workers' lines too
-    for handler in log.handlers:
-        stream = getattr(handler, "stream", None)
-        if stream is None:
-            continue
-        try:
-            stream.write(text)
-            stream.flush()
-        except (OSError, ValueError):  # a closed terminal or pipe must not stop the master
-            pass
+    write_fd(log.fd, text)
 
 
 def reopen_log_file(path: str) -> list[int]:
@@ -91,8 +158,6 @@ def reopen_log_file(path: str) -> list[int]:
     descriptor of this process that was the old one (in a daemon: 1, 2 and the handler's).
     Returns those descriptors; raises OSError if the file cannot be opened."""
     old = _log_fds()
-    for handler in log.handlers:
-        handler.flush()
     new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
     try:
         for fd in old:
@@ -103,13 +168,8 @@ def reopen_log_file(path: str) -> list[int]:
 
 
 def _log_fds() -> list[int]:
-    """The handler's descriptor, and stdout/stderr if they are the same file."""
-    fds = []
-    for handler in log.handlers:
-        try:
-            fds.append(handler.stream.fileno())  # type: ignore[attr-defined]
-        except (AttributeError, OSError, ValueError):
-            continue
+    """The logger's descriptor, and stdout/stderr if they are the same file."""
+    fds = [log.fd]
     files = {_identity(fd) for fd in fds} - {None}
     fds += [fd for fd in (1, 2) if fd not in fds and _identity(fd) in files]
     return sorted(set(fds))

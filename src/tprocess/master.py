@@ -23,9 +23,7 @@ import socket
 import time
 from collections.abc import Callable
 
-import setproctitle
-
-from . import auxiliary, control, logs, notify, output, worker
+from . import auxiliary, control, logs, notify, output, proctitle, worker
 from .commands import Commands, StopReport
 from .config import Config, GroupConfig, worker_title
 from .fdranges import TrackedSelector, ranges_with
@@ -137,7 +135,7 @@ class Master:
 
     def run(self) -> int:
         """Run until every worker has stopped; return the exit code."""
-        setproctitle.setproctitle(f"{self.config.name}-master")
+        proctitle.setproctitle(f"{self.config.name}-master")
         logs.set_title(f"{self.config.name}-master")
         become_subreaper()
         control.listen(self.listener)

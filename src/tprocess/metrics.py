@@ -22,7 +22,6 @@ import signal
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import setproctitle
 from prometheus_client.core import (
     CollectorRegistry,
     CounterMetricFamily,
@@ -33,7 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 from prometheus_client.utils import floatToGoString
 
-from . import control, logs, worker
+from . import control, logs, proctitle, worker
 from .config import ConfigError
 from .listen import parse_address, show_address
 
@@ -171,7 +170,7 @@ def _arguments(argv: Iterable[str] | None) -> argparse.Namespace:
 def _become_metrics_process(name: str, parent: int) -> bool:
     """Title, logs, signals; False if the master died before PDEATHSIG could be set."""
     title = f"{name}-metrics"
-    setproctitle.setproctitle(title)
+    proctitle.setproctitle(title)
     logs.set_title(title)
     logs.configure()
     worker._ask_for_death_signal()  # SIGTERM when the master dies

@@ -21,7 +21,6 @@ write (back-pressure on the writer, never on the master).
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import resource
 import selectors
@@ -31,11 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import logs
+from .logs import RECORD_MARK
 
 READ_SIZE = 65536  # at most this much per pipe per turn of the loop
 MAX_LINE = 16384  # a longer line is written in pieces of this size
 DRAIN_READS = 64  # reads per pipe when a worker has exited (bounded: a grandchild may flood)
-RECORD_MARK = "\x1e"  # ASCII record separator: starts each line of a worker's log record
 LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 FDS_PER_WORKER = 2  # what the master holds per worker (the read ends)
 FD_MARGIN = 192  # besides the read ends: selector, sockets, log ... and a spawn batch's other ends
@@ -74,30 +73,8 @@ class Pipes:
 # --- the worker's side ---------------------------------------------------------------------
 
 
-class FramedHandler(logging.Handler):
-    """A worker's log handler: each line of a record on fd 2, framed for the master."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(logging.Formatter("%(message)s"))  # the master adds time, title, pid
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            head = f"{RECORD_MARK}{record.levelname} "
-            text = "".join(head + line + "\n" for line in self.format(record).split("\n"))
-            _write_all(2, text.encode(errors="replace"))
-        except Exception:  # noqa: BLE001 - logging must never break a task
-            pass
-
-
-_worker_handler: FramedHandler | None = None
-
-
 def prepare_for_workers() -> None:
     """In the master, once before any fork: what each worker would otherwise redo."""
-    global _worker_handler
-    _worker_handler = FramedHandler()
-    _worker_handler.setLevel(logging.NOTSET)
     if sys.stdout is not None:
         try:  # a pipe is block-buffered by default: make print() lines arrive promptly
             sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -110,8 +87,7 @@ def become_writer(pipes: Pipes) -> None:
     os.dup2(pipes.out_w, 1)
     os.dup2(pipes.err_w, 2)
     pipes.close()
-    if _worker_handler is not None:
-        logs.log.handlers[:] = [_worker_handler]
+    logs.frame_for_master()
 
 
 def restore_fd_limit() -> None:

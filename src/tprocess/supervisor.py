@@ -68,7 +68,7 @@ class Supervisor:
         """Run in the foreground until stopped; return the master's exit code."""
         self.prepare()
         log_fd = logs.open_log_file(self.config.log_file) if self.config.log_file else None
-        logs.configure(log_level, os.fdopen(log_fd, "a", buffering=1) if log_fd else None)
+        logs.configure(log_level, log_fd if log_fd is not None else 2)
         listener = self._take_lock()
         self._clean_leftovers()
         self._check_metrics_address(listener)

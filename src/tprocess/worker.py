@@ -22,9 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import setproctitle
-
-from . import logs, output
+from . import logs, output, proctitle
 from .slots import (
     BUCKETS,
     BUSY,
@@ -159,7 +157,7 @@ def run(spec: WorkerSpec, master_fds: Iterable[tuple[int, int]]) -> NoReturn:
 
 
 def _become_worker(spec: WorkerSpec, master_fds: Iterable[tuple[int, int]]) -> Context:
-    setproctitle.setproctitle(spec.title)  # first: until then the child is titled as the master
+    proctitle.setproctitle(spec.title)  # first: until then the child is titled as the master
     logs.set_title(spec.title)
     if spec.output is not None:
         output.become_writer(spec.output)
@@ -438,10 +436,5 @@ def _exit(code: int, master_pid: int = 0) -> NoReturn:
         try:
             stream.flush()
         except Exception:  # noqa: BLE001 - a closed stream must not block the exit
-            pass
-    for handler in logs.log.handlers:
-        try:
-            handler.flush()
-        except Exception:  # noqa: BLE001
             pass
     os._exit(code)
