@@ -643,9 +643,23 @@ def write_report(h, args, total_s, plot_path):
             raw.append(f"{name:12s} {k:22s} " + " ".join(f"{x:.4g}" for x in xs))
     raw += ["```", "", "</details>", ""]
     lines += raw
+    kept = _later_sections(args.out)
     with open(args.out, "w") as f:
-        f.write("\n".join(lines))
+        f.write("\n".join(lines) + ("\n\n" + kept if kept else ""))
     return lines
+
+
+def _later_sections(path):
+    """What follows this report in the file: from its first `## ` heading on (the hand-written
+    targets and causes, and the sections other tools append). This report's own headings are
+    `#` and `###`, so a run rewrites the report and keeps the rest."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return ""
+    at = text.find("\n## ")
+    return text[at + 1:] if at >= 0 else ""
 
 
 DEFAULT_OUT = os.path.join("bench", "results.md")

@@ -241,3 +241,19 @@ def test_signal_to_whole_group_with_idle_workers_respawns_nothing(inst, sig):
     exited = {int(pid) for pid in re.findall(r"worker \S+ \(pid (\d+)\) exited", err)}
     assert exited == {w.pid for w in workers.values()}, err
     assert not instance_procs(inst.name)
+
+
+def test_stop_of_a_large_pool_prints_one_short_line(inst):
+    """2,000 workers must not make a 90 KB line: stop names the first 20, counts the rest;
+    the log has a line for every worker's exit."""
+    inst.write("jobs.py", "def work(ctx):\n    ctx.sleep(60)\n")
+    inst.start("jobs.py:work", "-n", "25")
+    workers = inst.wait_workers(25)
+    stopped = inst.stop()
+    assert stopped.returncode == 0, stopped.stderr
+    line = stopped.stdout.strip()
+    assert line.startswith(f"stopped {inst.name}-master") and "and 25 workers: " in line, line
+    assert len(re.findall(r"\(pid \d+\)", line)) == 1 + 20, line
+    assert line.endswith("and 5 more (each named in the log)"), line
+    log = inst.read_log()
+    assert all(f"worker {title} (pid {w.pid}) exited" in log for title, w in workers.items())

@@ -22,12 +22,14 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
+    from typing import Any
 
     from .config import Config
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 EXIT_INTERRUPTED = 130
 STOP_MARGIN = 30.0  # extra seconds stop waits for a master beyond the graceful timeout
+STOP_NAMED = 20  # workers named in stop's line; past that, a count (a pool of 2,000 is one line)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -334,13 +336,21 @@ def _stop_master(name: str, conn: socket.socket, timeout: float | None) -> int:
               "the stop; stopping what it left", file=sys.stderr)
         _stop_leftovers(name, timeout)
         return EXIT_FAILED
-    stopped = ", ".join(f"{w['name']} (pid {w['pid']})" for w in reply["stopped"])
     print(f"stopped {name}-master (pid {master_pid}) and {len(reply['stopped'])} workers"
-          + (f": {stopped}" if stopped else ""))
+          + _named(reply["stopped"]))
     for w in reply["killed"]:
         what = "cut mid-task" if w["state"] == "busy" else f"killed while {w['state']}"
         print(f"{what}: {w['name']} (pid {w['pid']}) did not stop in time", file=sys.stderr)
     return EXIT_FAILED if reply["killed"] else 0
+
+
+def _named(workers: list[dict[str, Any]]) -> str:
+    """': a (pid 1), b (pid 2)', the first STOP_NAMED of them: the log names every one."""
+    if not workers:
+        return ""
+    names = ", ".join(f"{w['name']} (pid {w['pid']})" for w in workers[:STOP_NAMED])
+    more = len(workers) - STOP_NAMED
+    return f": {names}" + (f" and {more} more (each named in the log)" if more > 0 else "")
 
 
 def _stop_leftovers(name: str, timeout: float | None) -> int:

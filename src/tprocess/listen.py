@@ -10,7 +10,6 @@ importlib only, and the master never imports it.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 
@@ -57,6 +56,8 @@ def _check_port(port: int, where: str) -> int:
 
 
 def _check_ipv6(text: str, where: str) -> None:
+    import ipaddress  # only for a bracketed address: the master need not hold it (issue 8)
+
     try:
         ipaddress.IPv6Address(text)
     except ValueError:

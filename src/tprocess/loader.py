@@ -11,9 +11,7 @@ import importlib.util
 import inspect
 import os
 import sys
-import sysconfig
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 from .config import Config, ConfigError, TaskRef
@@ -22,7 +20,7 @@ TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotatio
 if TYPE_CHECKING:
     from typing import Any
 
-_file_modules: dict[Path, ModuleType] = {}
+_file_modules: dict[str, ModuleType] = {}  # real path -> module
 _user_modules: set[str] = set()  # modules of the user's own code, imported by resolve_config
 
 
@@ -79,6 +77,7 @@ def _forget_bytecode(module: ModuleType | None) -> None:
 
 def _installed_dirs() -> tuple[str, ...]:
     import site
+    import sysconfig  # only at a reload: the master need not hold it
 
     paths = sysconfig.get_paths()
     dirs = {paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths}
@@ -140,7 +139,7 @@ def _check_job_task(func: Callable[..., Any], where: str) -> Callable[..., Any]:
 def _import_ref(ref: str, base_dir: str, where: str) -> Any:
     target, _, attr = ref.rpartition(":")
     if target.endswith(".py") or "/" in target:
-        module = _import_file(Path(base_dir) / target, ref, where)
+        module = _import_file(os.path.join(base_dir, target), ref, where)
     else:
         module = _import_module(target, base_dir, ref, where)
     obj: Any = module
@@ -152,19 +151,20 @@ def _import_ref(ref: str, base_dir: str, where: str) -> Any:
     return obj
 
 
-def _import_file(path: Path, ref: str, where: str) -> ModuleType:
-    path = path.resolve()
+def _import_file(path: str, ref: str, where: str) -> ModuleType:
+    path = os.path.realpath(path)  # os.path, not pathlib: the master need not import it (issue 8)
     if path in _file_modules:
         return _file_modules[path]
-    if not path.is_file():
-        raise ConfigError(f"{where}: {ref!r}: no such file {str(path)!r}")
-    folder = str(path.parent)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{where}: {ref!r}: no such file {path!r}")
+    folder = os.path.dirname(path)
     if folder not in sys.path:
         sys.path.insert(0, folder)  # let the task file import its neighbours
-    name = path.stem if path.stem.isidentifier() else "tprocess_task"
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = stem if stem.isidentifier() else "tprocess_task"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise ConfigError(f"{where}: {ref!r}: cannot import {str(path)!r}")
+        raise ConfigError(f"{where}: {ref!r}: cannot import {path!r}")
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault(name, module)
     _run_import(lambda: spec.loader.exec_module(module), ref, where)

@@ -120,6 +120,8 @@ def silence() -> None:
 class _Stream:
     """One pipe the master reads: a worker's fd 1 (OUT) or fd 2 (ERR), and its partial line."""
 
+    __slots__ = ("fd", "title", "pid", "label", "partial")
+
     def __init__(self, fd: int, title: str, pid: int, label: str) -> None:
         self.fd = fd
         self.title = title
