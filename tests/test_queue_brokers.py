@@ -227,6 +227,25 @@ def test_unreachable_redis_and_missing_sqlite_folder_are_one_line_errors(tmp_pat
         open_broker(f"sqlite://{tmp_path}/missing/q.sqlite3").check()
 
 
+def test_idle_sqlite_consumer_never_takes_the_write_lock(tmp_path):
+    """A consumer of an empty queue (or of jobs not due yet) only reads: a producer holding the
+    write lock does not make it wait (it would, up to the busy time-out, for BEGIN IMMEDIATE)."""
+    import sqlite3
+
+    path = tmp_path / "q.sqlite3"
+    broker = open_broker(f"sqlite://{path}")
+    broker.put_many("ip", ["later"], delay=3600)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")  # a producer in the middle of a put
+    try:
+        assert fetch(broker, timeout=0.2) is None
+        assert writer.in_transaction  # it returned while the lock was still held
+    finally:
+        writer.execute("ROLLBACK")
+        writer.close()
+        broker.close()
+
+
 def test_sqlite_full_database_is_a_clear_error(tmp_path):
     broker = open_broker(f"sqlite://{tmp_path}/q.sqlite3")
     broker.check()

@@ -52,6 +52,8 @@ DUE = f"""
 SELECT id FROM jobs WHERE queue = ? AND state < {DEAD} AND visible_at <= ? ORDER BY visible_at, id LIMIT ?
 """
 
+NEXT_DUE = f"SELECT MIN(visible_at) FROM jobs WHERE queue = ? AND state < {DEAD}"
+
 CLAIM = f"""
 UPDATE jobs SET state = {RUNNING}, attempt = attempt + (state = {RUNNING}), visible_at = ?, consumer = ?,
     token = token + 1
@@ -227,13 +229,16 @@ class SQLiteBroker(Broker):
         due, when the next one is. Bad payloads are dead-lettered."""
         while True:
             now = time.monotonic()
+            if not acks:  # nothing to send: a read first, so that idle consumers never take the write lock
+                due = self._next_due(queue)
+                if due is None or due > now:
+                    return [], due
             with self._transaction() as conn:
                 if acks:
                     self._delete_done(conn, acks)
                 ids = [row[0] for row in conn.execute(DUE, (queue, now, count))]
                 if not ids:
-                    due = conn.execute(f"SELECT MIN(visible_at) FROM jobs WHERE queue = ? AND state < {DEAD}",
-                                       (queue,)).fetchone()[0]
+                    due = conn.execute(NEXT_DUE, (queue,)).fetchone()[0]
                     rows = []
                 else:
                     rows = conn.execute(CLAIM % ",".join("?" * len(ids)),
@@ -246,6 +251,12 @@ class SQLiteBroker(Broker):
                     if (job := self._to_job(queue, row)) is not None]
             if jobs:
                 return jobs, None
+
+    def _next_due(self, queue: str) -> float | None:
+        """When the queue's next job is due (monotonic), None if it has none: a read, no lock held."""
+        conn = self._db()
+        with self._errors():
+            return conn.execute(NEXT_DUE, (queue,)).fetchone()[0]  # type: ignore[no-any-return]
 
     def _to_job(self, queue: str, row: tuple[Any, ...]) -> Job | None:
         job_id, text, attempt, enqueued_at, token = row
