@@ -138,3 +138,27 @@ def test_task_output_in_the_daemon_log_names_its_process(inst):
         for text in (f"print-from-{title}", f"stderr-from-{title}"):
             (line,) = [line for line in lines if text in line]
             assert f"{title}[{w.pid}]" in line, line
+
+
+def test_ctx_log_takes_what_a_logging_logger_takes(capfd):
+    """ctx.log is tprocess's own light logger (no `logging` in the master: issue 8); the calls a
+    task makes on a logging.Logger work on it, and a log call never raises into the task."""
+    from tprocess.logs import Logger
+
+    log = Logger()  # writes to fd 2, as in a master started in the foreground
+    log.info("plain %s %d", "args", 7, extra={"k": 1}, stack_info=False, stacklevel=2)
+    log.debug("under the level: not written")
+    log.setLevel("DEBUG")
+    log.debug("now written")
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        log.exception("caught")
+        log.error("given", exc_info=exc)
+    log.warning("bad format %d", "not a number")  # swallowed, like logging's handleError
+    err = capfd.readouterr().err
+    assert re.search(r"\[\d+\] INFO plain args 7$", err, re.M), err
+    assert "under the level" not in err and "DEBUG now written" in err
+    assert err.count("ValueError: boom") == 2 and "ERROR caught" in err and "ERROR given" in err
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \S+\[\d+\] [A-Z]+ ", line)
+               for line in err.splitlines()), err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 
@@ -42,34 +43,36 @@ class Logger:
     def isEnabledFor(self, level: int) -> bool:  # noqa: N802
         return level >= self.level
 
-    def log(self, level: int, msg: object, *args: object, exc_info: bool = False) -> None:
+    def log(self, level: int, msg: object, *args: object, exc_info: object = False, **_: object) -> None:
+        """Like logging's: exc_info True (the exception being handled), an exception or an
+        (type, value, traceback) tuple adds its traceback; extra=, stack_info= are accepted."""
         if level < self.level:
             return
         try:
             text = str(msg) % args if args else str(msg)
             if exc_info:
-                text += "\n" + _current_traceback()
+                text += "\n" + _traceback_text(exc_info)
             self._write(_NAMES.get(level, f"Level {level}"), text)
         except Exception:  # noqa: BLE001 - a log line must never break a task or the master
             pass
 
-    def debug(self, msg: object, *args: object, exc_info: bool = False) -> None:
-        self.log(10, msg, *args, exc_info=exc_info)
+    def debug(self, msg: object, *args: object, **options: object) -> None:
+        self.log(10, msg, *args, **options)
 
-    def info(self, msg: object, *args: object, exc_info: bool = False) -> None:
-        self.log(20, msg, *args, exc_info=exc_info)
+    def info(self, msg: object, *args: object, **options: object) -> None:
+        self.log(20, msg, *args, **options)
 
-    def warning(self, msg: object, *args: object, exc_info: bool = False) -> None:
-        self.log(30, msg, *args, exc_info=exc_info)
+    def warning(self, msg: object, *args: object, **options: object) -> None:
+        self.log(30, msg, *args, **options)
 
-    def error(self, msg: object, *args: object, exc_info: bool = False) -> None:
-        self.log(40, msg, *args, exc_info=exc_info)
+    def error(self, msg: object, *args: object, **options: object) -> None:
+        self.log(40, msg, *args, **options)
 
-    def critical(self, msg: object, *args: object, exc_info: bool = False) -> None:
-        self.log(50, msg, *args, exc_info=exc_info)
+    def critical(self, msg: object, *args: object, **options: object) -> None:
+        self.log(50, msg, *args, **options)
 
-    def exception(self, msg: object, *args: object, exc_info: bool = True) -> None:
-        self.log(40, msg, *args, exc_info=exc_info)
+    def exception(self, msg: object, *args: object, exc_info: object = True, **options: object) -> None:
+        self.log(40, msg, *args, exc_info=exc_info, **options)
 
     def _write(self, level: str, text: str) -> None:
         if self.framed:
@@ -85,10 +88,16 @@ RECORD_MARK = "\x1e"  # ASCII record separator: starts each line of a worker's l
 log = Logger()
 
 
-def _current_traceback() -> str:
+def _traceback_text(exc_info: object) -> str:
     import traceback  # only when there is one to print
 
-    return traceback.format_exc().rstrip("\n")
+    if isinstance(exc_info, BaseException):
+        lines = traceback.format_exception(exc_info)
+    elif isinstance(exc_info, tuple):
+        lines = traceback.format_exception(*exc_info)
+    else:
+        lines = traceback.format_exception(*sys.exc_info())
+    return "".join(lines).rstrip("\n")
 
 
 def write_fd(fd: int, text: str) -> None:
