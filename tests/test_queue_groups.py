@@ -406,6 +406,25 @@ def test_plain_async_task_runs_concurrency_loops_and_a_stop_lets_them_finish(ins
     assert sum(1 for e in rows if e[0] == "S") == sum(1 for e in rows if e[0] == "E")  # none cut
 
 
+def test_plain_async_task_recycles_after_max_tasks_calls_once_those_in_flight_end(inst):
+    inst.write("crawl.py", PLAIN_ASYNC)
+    inst.write("tprocess.toml", '[groups.c]\ntask = "crawl.py:crawl"\nworkers = 1\nconcurrency = 3\n'
+               'max_tasks = 6\n')
+    inst.start("-c", "tprocess.toml")
+    wait_for(lambda: len({e[2] for e in events(inst.dir)}) >= 3, timeout=30, what="three worker processes")
+    status = json.loads(inst.run("status", "--json", "--name", inst.name).stdout)
+    assert inst.stop().returncode == 0
+    rows = events(inst.dir)
+    assert sum(1 for e in rows if e[0] == "S") == sum(1 for e in rows if e[0] == "E")  # none cut
+    per_pid: dict[int, int] = {}
+    for kind, _, pid, *_ in rows:
+        per_pid[pid] = per_pid.get(pid, 0) + (kind == "E")
+    assert all(calls <= 6 + 2 for calls in per_pid.values()), per_pid  # max_tasks + those in flight
+    assert status["groups"][0]["restarts"]["max_tasks"] >= 2, status["groups"][0]
+    assert status["groups"][0]["restarts"]["crash"] == 0
+    assert "recycles itself after 6 tasks (max_tasks)" in inst.read_log()
+
+
 # --- no job lost ----------------------------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from .logs import log
-from .slots import BUSY, ERRORS, IDLE, TASK_START, TASKS
+from .slots import BUSY, IDLE, TASK_START
 
 if TYPE_CHECKING:
     from .worker import Context, WorkerSpec
@@ -51,15 +51,12 @@ class Runner:
         self.loop = new_event_loop()
         self.stop_event = asyncio.Event()
         self.exit_code: int | None = None  # a task raised SystemExit
-        self.recycle: tuple[int, str] | None = None  # max_tasks / max_memory reached
         self._starts: dict[int, int] = {}  # call token -> CLOCK_MONOTONIC ns it began
         self._next_token = 0
-        from .worker import Recycling
+        from .worker import TaskCounter
 
-        self.recycling = Recycling(spec.max_tasks, spec.max_memory)
-        words, base = spec.slot.words, spec.slot.base
-        self._words, self._tasks_word, self._errors_word = words, base + TASKS, base + ERRORS
-        self._start_word = base + TASK_START
+        self.counter = TaskCounter(spec)  # tasks, errors, durations; max_tasks / max_memory
+        self._words, self._start_word = spec.slot.words, spec.slot.base + TASK_START
 
     # --- running ----------------------------------------------------------------------
 
@@ -81,13 +78,11 @@ class Runner:
         return self.finish_code()
 
     def finish_code(self) -> int:
-        from .worker import EXIT_OK, _recycle
+        from .worker import EXIT_OK
 
         if self.exit_code is not None:
             return self.exit_code
-        if self.recycle is not None:
-            return _recycle(self.spec, *self.recycle)
-        return EXIT_OK
+        return self.counter.exit_code(self.spec, EXIT_OK)
 
     @property
     def stopping(self) -> bool:
@@ -137,18 +132,8 @@ class Runner:
             slot.state = IDLE
 
     def count(self, ok: bool, began_ns: int) -> None:
-        """One call ended: tasks or errors, the duration histogram, and recycling by the worker's limits."""
-        from .worker import _count_duration
-
-        words = self._words
-        words[self._tasks_word if ok else self._errors_word] += 1
-        ended = time.monotonic_ns()
-        if self.spec.histogram:
-            _count_duration(words, self.spec.slot.base, ended - began_ns)
-        if self.recycle is not None:
-            return
-        self.recycle = self.recycling.due(ended)
-        if self.recycle is not None:
+        """One call ended: counted; the worker stops once max_tasks / max_memory say so."""
+        if self.counter.ended(ok, began_ns):
             self.stop()
 
     async def sleep(self, seconds: float) -> bool:

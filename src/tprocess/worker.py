@@ -326,6 +326,38 @@ class Recycling:
         return None
 
 
+class TaskCounter:
+    """A task, job or async call ended: the slot's tasks or errors word, the duration histogram
+    (metrics on), and max_tasks / max_memory, whose recycle reason is kept from the first time.
+    (The plain task loops count inline instead: they are the hot path.)"""
+
+    __slots__ = ("words", "base", "histogram", "recycling", "recycle")
+
+    def __init__(self, spec: WorkerSpec, unit: str = "tasks") -> None:
+        self.words, self.base = spec.slot.words, spec.slot.base
+        self.histogram = spec.histogram
+        self.recycling = Recycling(spec.max_tasks, spec.max_memory, unit)
+        self.recycle: tuple[int, str] | None = None
+
+    def ended(self, ok: bool, began_ns: int) -> bool:
+        """Count one; True the first time the worker is due to recycle itself."""
+        words, base = self.words, self.base
+        words[base + (TASKS if ok else ERRORS)] += 1
+        ended = time.monotonic_ns()
+        if self.histogram:
+            _count_duration(words, base, ended - began_ns)
+        if self.recycle is not None:
+            return False
+        self.recycle = self.recycling.due(ended)
+        return self.recycle is not None
+
+    def exit_code(self, spec: WorkerSpec, code: int) -> int:
+        """A planned exit after a recycle is noted in the slot, for the master's restart reason."""
+        if code == EXIT_OK and self.recycle is not None:
+            return _recycle(spec, *self.recycle)
+        return code
+
+
 def _count_duration(words: memoryview, base: int, took: int) -> None:
     """One task's duration into the slot's histogram (bucket i: took <= bound i; last: +Inf)."""
     words[base + DURATION_SUM] += took

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import DEFAULT_JOB_TIMEOUT, DEFAULT_MAX_RETRIES, DEFAULT_RETRY_DELAY, _first
-from ..slots import BUSY, ERRORS, IDLE, TASK_START, TASKS
+from ..slots import BUSY, IDLE, TASK_START
 from .consumer import MAX_BATCH, run_jobs
 from .jobs import BrokerError, Job, consumer_name
 from .urls import open_broker
@@ -75,12 +75,10 @@ class CountedJobs:
 
     def __init__(self, spec: WorkerSpec, ctx: Context) -> None:
         self.spec, self.ctx = spec, ctx
-        slot = spec.slot
-        self.words, self.base = slot.words, slot.base
-        self.recycle: tuple[int, str] | None = None
-        from ..worker import Recycling
+        self.words, self.base = spec.slot.words, spec.slot.base
+        from ..worker import TaskCounter
 
-        self.recycling = Recycling(spec.max_tasks, spec.max_memory, "jobs")
+        self.counter = TaskCounter(spec, "jobs")  # tasks, errors, durations; max_tasks / max_memory
 
     def on_state(self, state: str) -> None:
         slot = self.spec.slot
@@ -93,7 +91,7 @@ class CountedJobs:
     def jobs_left(self) -> int:
         """Jobs this worker may still run before max_tasks recycles it (a bound on prefetching)."""
         most = self.spec.max_tasks
-        return max(1, most - self.recycling.done) if most else MAX_BATCH
+        return max(1, most - self.counter.recycling.done) if most else MAX_BATCH
 
     def task(self, ctx: Context, job: Job) -> Any:
         began = time.monotonic_ns()
@@ -103,22 +101,8 @@ class CountedJobs:
             ok = True
             return result
         finally:
-            self.words[self.base + (TASKS if ok else ERRORS)] += 1
-            self._after_job(began)
-
-    def _after_job(self, began: int) -> None:
-        from ..worker import _count_duration
-
-        ended = time.monotonic_ns()
-        if self.spec.histogram:
-            _count_duration(self.words, self.base, ended - began)
-        self.recycle = self.recycling.due(ended)
-        if self.recycle is not None:
-            self.ctx.stopping = True  # run_jobs ends after this job is reported
+            if self.counter.ended(ok, began):
+                self.ctx.stopping = True  # run_jobs ends after this job is reported
 
     def exit_code(self, code: int) -> int:
-        from ..worker import _recycle
-
-        if code == 0 and self.recycle is not None:
-            return _recycle(self.spec, *self.recycle)
-        return code
+        return self.counter.exit_code(self.spec, code)
