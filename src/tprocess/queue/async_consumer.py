@@ -16,14 +16,21 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import traceback
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from ..aio import Runner, block_signals_in_thread
 from ..logs import log
-from .consumer import BROKER_ERROR_PAUSE, FETCH_WAIT, MAX_BATCH, MAX_RETRY_DELAY, _failed, _report
-from .jobs import BrokerError, Job, Reject
+from .consumer import (
+    BROKER_ERROR_PAUSE,
+    FETCH_WAIT,
+    MAX_BATCH,
+    MAX_RETRY_DELAY,
+    _failed,
+    _report,
+    failure_of,
+)
+from .jobs import BrokerError, Job
 from .urls import open_broker
 
 if TYPE_CHECKING:
@@ -142,14 +149,11 @@ class AsyncJobs(Runner):
         reject = False
         try:
             await self.spec.task(ctx, job)
-        except SystemExit as exc:  # the task ends its worker: the job counts as a failed attempt
-            from ..worker import _exit_code
-
-            self.exit_code = _exit_code(exc)
-            error_text = f"the task raised SystemExit({exc.code!r})"
-            self.stop()
         except BaseException as exc:  # noqa: BLE001 - a failing job must not end the worker
-            error_text, reject = traceback.format_exc(), isinstance(exc, Reject)
+            exit_code, error_text, reject = failure_of(exc)
+            if exit_code is not None:  # SystemExit: the worker ends once the calls in flight do
+                self.exit_code = exit_code
+                self.stop()
         finally:
             self.end_call(token)
         if error_text is None:

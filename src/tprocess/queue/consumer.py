@@ -128,17 +128,22 @@ def _run_one(task: Callable[[Any, Job], Any], ctx: Any, broker: Broker, job: Job
     Returns (an exit code if the task asked to exit, whether it succeeded)."""
     try:
         task(ctx, job)
-    except SystemExit as exc:  # the task ends its worker: the job counts as a failed attempt
-        _failed(ctx, broker, job, f"the task raised SystemExit({exc.code!r})", max_retries, retry_delay,
-                max_retry_delay, reject=False)
+    except BaseException as exc:  # noqa: BLE001 - a failing job must not end the worker
+        exit_code, error_text, reject = failure_of(exc)
+        _failed(ctx, broker, job, error_text, max_retries, retry_delay, max_retry_delay, reject)
+        return exit_code, False
+    return None, True
+
+
+def failure_of(exc: BaseException) -> tuple[int | None, str, bool]:
+    """What a job's exception means, for the sync and the async consumer alike: (the worker's exit
+    code if the task asked to end it, the error text the broker keeps, whether the job is
+    dead-lettered at once). Called in the `except` block (the traceback is the current one)."""
+    if isinstance(exc, SystemExit):  # the task ends its worker: the job counts as a failed attempt
         from ..worker import _exit_code
 
-        return _exit_code(exc), False
-    except BaseException as exc:  # noqa: BLE001 - a failing job must not end the worker
-        _failed(ctx, broker, job, traceback.format_exc(), max_retries, retry_delay, max_retry_delay,
-                reject=isinstance(exc, Reject))
-        return None, False
-    return None, True
+        return _exit_code(exc), f"the task raised SystemExit({exc.code!r})", False
+    return None, traceback.format_exc(), isinstance(exc, Reject)
 
 
 def _failed(ctx: Any, broker: Broker, job: Job, error_text: str, max_retries: int, retry_delay: float,
