@@ -55,6 +55,8 @@ def work(ctx, job):
 async def awork(ctx, job):
     note("S", job)
     await asyncio.sleep(job.data.get("sleep", 0) if isinstance(job.data, dict) else 0)
+    if isinstance(job.data, dict) and job.data.get("exit_first") and job.attempt == 1:
+        raise SystemExit(0)
     note("E", job)
 
 
@@ -404,6 +406,23 @@ def test_plain_async_task_runs_concurrency_loops_and_a_stop_lets_them_finish(ins
     rows = events(inst.dir)
     assert _max_in_flight(rows, rows[0][2]) == 5
     assert sum(1 for e in rows if e[0] == "S") == sum(1 for e in rows if e[0] == "E")  # none cut
+
+
+def test_async_job_raising_system_exit_ends_its_worker_as_planned_and_runs_again(inst, broker_url):
+    """As in a plain task: sys.exit() ends the worker (code 0, not a crash) once the calls in flight
+    end; the job counts as a failed attempt and runs again."""
+    setup_instance(inst, broker_url, workers=1, task="awork", concurrency=2, retry_delay=0.05)
+    (job_id,) = enqueue(inst, broker_url, [{"exit_first": True}])
+    inst.start("-c", "tprocess.toml")
+    wait_for(lambda: ("E", job_id) in {(e[0], e[1]) for e in events(inst.dir)}, timeout=30,
+             what="the job's second attempt")
+    rows = [e for e in events(inst.dir) if e[1] == job_id]
+    assert [(kind, attempt) for kind, _, _, attempt, _ in rows] == [("S", 1), ("S", 2), ("E", 2)], rows
+    assert rows[0][2] != rows[1][2]  # the first worker ended; its replacement ran attempt 2
+    status = json.loads(inst.run("status", "--json", "--name", inst.name).stdout)
+    assert status["groups"][0]["restarts"]["exit"] == 1 and status["groups"][0]["restarts"]["crash"] == 0
+    assert f"(pid {rows[0][2]}) exited with code 0" in inst.read_log()
+    assert inst.stop().returncode == 0
 
 
 def test_plain_async_task_recycles_after_max_tasks_calls_once_those_in_flight_end(inst):
