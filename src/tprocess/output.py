@@ -163,19 +163,18 @@ class OutputCapture:
         self.selector = selector
         self.write = write or logs.write_raw
         self.streams: dict[int, _Stream] = {}  # read fd -> stream
-        self.by_pid: dict[int, list[_Stream]] = {}  # live worker -> its streams
+        self.by_pid: dict[int, tuple[_Stream, _Stream]] = {}  # live worker -> its streams
+        self._readable = self._on_readable  # one bound method for every pipe's selector key
 
     def watch(self, pipes: Pipes, title: str, pid: int) -> None:
         """In the master right after fork: keep the read ends, close the write ends."""
         _close_all([pipes.out_w, pipes.err_w])
-        streams = []
-        for fd, label in ((pipes.out_r, "OUT"), (pipes.err_r, "ERR")):
-            os.set_blocking(fd, False)
-            stream = _Stream(fd, title, pid, label)
-            self.streams[fd] = stream
-            self.selector.register(fd, selectors.EVENT_READ, self._on_readable)
-            streams.append(stream)
-        self.by_pid[pid] = streams
+        out, err = _Stream(pipes.out_r, title, pid, "OUT"), _Stream(pipes.err_r, title, pid, "ERR")
+        for stream in (out, err):
+            os.set_blocking(stream.fd, False)
+            self.streams[stream.fd] = stream
+            self.selector.register(stream.fd, selectors.EVENT_READ, self._readable)
+        self.by_pid[pid] = (out, err)
 
     def read_fds(self) -> list[int]:
         """Descriptors a new worker must close (other workers' read ends)."""
@@ -221,7 +220,7 @@ class OutputCapture:
     def worker_exited(self, pid: int) -> None:
         """Write what an exited worker left in its pipes, before its exit is logged.
         Pipes still held by processes the task started stay open, under its name."""
-        for stream in self.by_pid.pop(pid, []):
+        for stream in self.by_pid.pop(pid, ()):
             if self.streams.get(stream.fd) is stream:  # not closed (its number may be reused)
                 self._read(stream, DRAIN_READS)
 
