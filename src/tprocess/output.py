@@ -284,12 +284,6 @@ def raise_fd_limit(workers: int) -> str | None:
     return None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
