@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 
 import pytest
 from chaos_support import children_of
-from helpers import kill_pids, wait_for, workers_of
+from helpers import TPROCESS, kill_pids, master_of, wait_for, workers_of
 
 from tprocess.fdranges import FdRanges
 
@@ -113,3 +114,22 @@ def test_fd_ranges_match_a_plain_set():
             assert {fd for lo, hi in runs for fd in range(lo, hi)} == plain
             assert all(a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False))  # sorted, disjoint
             assert len(ranges) == len(plain)
+
+
+def test_start_with_stderr_closed_puts_dev_null_there(inst):
+    """Started with fd 2 closed (`2>&-`), the master would hand that number to the next pipe
+    or socket it opens, and its log lines (to stderr without a log file) would land there:
+    0, 1 and 2 are opened on /dev/null first."""
+    inst.write("jobs.py", TASK)
+    command = f"exec '{TPROCESS}' start jobs.py:work -n 2 --name {inst.name} 2>&-"
+    proc = subprocess.Popen(["sh", "-c", command], cwd=inst.dir, stdout=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    inst.foreground.append(proc)
+    workers = inst.wait_workers(2)
+    master = master_of(inst.name)
+    assert master is not None and master.pid == proc.pid
+    assert links(master.pid)[2] == "/dev/null"
+    assert all(links(w.pid)[2].startswith("pipe:") for w in workers.values())  # the worker's own stderr pipe
+    assert inst.run("status").returncode == 0
+    assert inst.stop().returncode == 0
+    assert proc.wait(timeout=30) == 0

@@ -11,6 +11,19 @@ import sys
 from collections.abc import Callable
 
 
+def ensure_std_fds() -> None:
+    """Descriptors 0, 1 and 2 open (on /dev/null where the caller closed them), so that no pipe
+    or socket opened later takes one of those numbers and receives log lines or a print()."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
 def inherited_fds() -> list[int]:
     """Descriptors above stderr that this process holds now: call it before importing
     the user's task, so that what the task opens at import is kept."""

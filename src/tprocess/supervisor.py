@@ -66,6 +66,7 @@ class Supervisor:
 
     def run(self, log_level: str = "INFO") -> int:
         """Run in the foreground until stopped; return the master's exit code."""
+        daemon.ensure_std_fds()
         self.prepare()
         log_fd = logs.open_log_file(self.config.log_file) if self.config.log_file else None
         logs.configure(log_level, log_fd if log_fd is not None else 2)
@@ -78,6 +79,7 @@ class Supervisor:
 
     def start_detached(self, log_level: str = "INFO") -> StartResult:
         """Start as a daemon; return once every worker is up, or raise StartError."""
+        daemon.ensure_std_fds()
         inherited = daemon.inherited_fds()
         self.prepare()
         log_path = str(self.config.log_file or logs.default_log_file(self.config.name))
