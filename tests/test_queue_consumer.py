@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from helpers import wait_for
 
-from tprocess import Reject
+from tprocess import Reject, logs
 from tprocess.queue import open_broker
 from tprocess.queue.consumer import BatchSize, retry_delay_for, run_jobs
 
@@ -24,7 +23,7 @@ class Loop:
     def __init__(self, url: str, task, **options) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.ctx = SimpleNamespace(name="t-ip-0", instance="t", stopping=False,
-                                   log=logging.getLogger("tprocess"))
+                                   log=logs.log)
         self.broker = open_broker(url)
         self.code: int | None = None
         options = {"job_timeout": 30.0, "max_retries": 2, "retry_delay": 0.05, **options}
@@ -127,7 +126,7 @@ def test_a_job_fetched_as_the_stop_comes_is_handed_back_unstarted(broker_url):
     job_id = producer.put("ip", "unstarted")
     ran = []
     broker = open_broker(broker_url)
-    ctx = SimpleNamespace(name="t-ip-0", stopping=False, log=logging.getLogger("tprocess"))
+    ctx = SimpleNamespace(name="t-ip-0", stopping=False, log=logs.log)
     real_fetch = broker.fetch_many
 
     def fetch_then_stop(*args, **kwargs):  # the stop signal lands while fetch returns
