@@ -151,8 +151,7 @@ class Master:
         self._open_channels()
         self._install_signals()
         output.prepare_for_workers()
-        gc.collect()  # what start-up left (the config, the task's import) is freed first,
-        release_free_memory()  # and returned, so fork() copies fewer page-table entries
+        release_free_memory()  # so that fork() copies fewer page-table entries
         gc.freeze()  # keep the master's objects out of the workers' copied pages
         log.info("starting %d workers", len(self.startup.awaiting))
         self.spawn_many(list(self.pool.all_workers()))
