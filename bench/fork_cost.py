@@ -12,6 +12,8 @@ parent's anonymous memory (smaps). The variants:
 
 - bare: what the floor's master imports (importlib.util, select, signal);
 - worker code: tprocess.worker and what it imports (what a small fork server would hold);
+- master without the command line: the master's modules but not the CLI's (argparse): what a
+  master exec'd afresh by `start` would hold;
 - master: every module the tprocess master holds at its first fork;
 - master + pipes: the same holding --pipes open pipe ends (two per worker: 4,000 at N = 2,000).
 
@@ -30,6 +32,7 @@ import sys
 VARIANTS = {
     "bare": ["importlib.util", "select", "signal"],
     "worker code": ["tprocess.worker"],
+    "master without the command line": ["tprocess.supervisor", "tprocess.master", "tprocess.loader"],
     "master": ["tprocess.cli", "tprocess.supervisor", "tprocess.master", "tprocess.loader"],
     "master + pipes": ["tprocess.cli", "tprocess.supervisor", "tprocess.master", "tprocess.loader"],
 }

@@ -52,7 +52,7 @@ INTERNAL_ERROR_LIMIT, INTERNAL_ERROR_WINDOW = 20, 10.0  # internal errors in tha
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim). Every resident
     page of the master is a page-table entry that each fork copies and each worker's exit
-    tears down: on 2 cores at N = 2,000 that is most of what start and stop cost (issue 8)."""
+    tears down (the top kernel function of a stop of 2,000 workers: issue 8)."""
     trim = getattr(worker._libc, "malloc_trim", None)  # not in every C library (musl)
     if trim is not None:
         trim(0)
