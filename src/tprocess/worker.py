@@ -446,8 +446,11 @@ def _close_fds(runs: Iterable[tuple[int, int]]) -> None:
 
 
 def _drain(fd: int) -> None:
+    """Empty the wake-up pipe (a byte per signal). A short read means empty: no read that
+    raises BlockingIOError, whose first raise in a worker copies ~14 of the master's pages
+    (the exception machinery), at every stop of every worker (issue 8)."""
     try:
-        while os.read(fd, 512):
+        while len(os.read(fd, 512)) == 512:
             pass
     except BlockingIOError:
         pass
