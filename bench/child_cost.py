@@ -21,23 +21,12 @@ import tempfile
 import time
 import uuid
 
+from procutil import children_of, first_starts
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TPROCESS = os.path.join(os.path.dirname(sys.executable), "tprocess")
 TASK = os.path.join(HERE, "workload.py") + ":task"
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def first_starts(records: str) -> dict[int, int]:
-    starts: dict[int, int] = {}
-    try:
-        with open(records) as fh:
-            for line in fh:
-                kind, pid, ns = line.split()[:3]
-                if kind == "S":
-                    starts.setdefault(int(pid), int(ns))
-    except FileNotFoundError:
-        pass
-    return starts
 
 
 def stat_fields(pid: int) -> list[str]:
@@ -53,11 +42,6 @@ def rollup(pid: int) -> dict[str, int]:
             if len(parts) == 3 and parts[2] == "kB":
                 out[parts[0].rstrip(":")] = int(parts[1])
     return out
-
-
-def children_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return [int(p) for p in fh.read().split()]
 
 
 def one_pool(folder: str, workers: int, env_extra: dict[str, str]) -> dict[str, float]:

@@ -18,6 +18,26 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 PR_SET_CHILD_SUBREAPER = 36
 
 
+def first_starts(records):
+    """pid -> monotonic ns of its first task start, from a records file (S PID NS lines)."""
+    starts = {}
+    try:
+        with open(records) as fh:
+            for line in fh:
+                kind, pid, ns = line.split()[:3]
+                if kind == "S":
+                    starts.setdefault(int(pid), int(ns))
+    except FileNotFoundError:
+        pass
+    return starts
+
+
+def children_of(pid):
+    """The pids whose parent is pid (the kernel's list: no scan of /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(p) for p in fh.read().split()]
+
+
 def read_stat(pid):
     """(state, ppid, utime+stime ticks, starttime) or None if gone."""
     try:

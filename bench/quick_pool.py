@@ -23,23 +23,11 @@ import tempfile
 import time
 import uuid
 
+from procutil import children_of, first_starts
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TPROCESS = os.path.join(os.path.dirname(sys.executable), "tprocess")
 TASK = os.path.join(HERE, "workload.py") + ":task"
-
-
-def first_starts(records: str) -> dict[int, int]:
-    """pid -> monotonic ns of its first task start."""
-    starts: dict[int, int] = {}
-    try:
-        with open(records) as fh:
-            for line in fh:
-                kind, pid, ns = line.split()[:3]
-                if kind == "S":
-                    starts.setdefault(int(pid), int(ns))
-    except FileNotFoundError:
-        pass
-    return starts
 
 
 def wait_until(predicate, timeout: float = 60.0):
@@ -50,11 +38,6 @@ def wait_until(predicate, timeout: float = 60.0):
             return value
         time.sleep(0.002)
     raise SystemExit("timed out")
-
-
-def children_of(pid: int) -> list[int]:
-    with open(f"/proc/{pid}/task/{pid}/children") as fh:
-        return [int(p) for p in fh.read().split()]
 
 
 class Pool:

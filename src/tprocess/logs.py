@@ -19,12 +19,20 @@ _title = "tprocess"
 _recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top`
 
 
+def timestamp() -> str:
+    """The time at the head of every log line: `2026-11-29 06:15:42,050` (local time)."""
+    now = time.time()
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"
+
+
+def prefixed(head: str, lines: list[str]) -> str:
+    """Each line with the head before it, newline-ended: a multi-line record keeps its prefix."""
+    return "".join(head + line + "\n" for line in lines)
+
+
 def _master_line(level: str, text: str) -> str:
     """`2026-11-29 06:15:42,050 title[pid] LEVEL text`, one prefix per line of text."""
-    now = time.time()
-    stamp = f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"
-    head = f"{stamp} {_title}[{os.getpid()}] {level} "
-    return "".join(head + line + "\n" for line in text.split("\n"))
+    return prefixed(f"{timestamp()} {_title}[{os.getpid()}] {level} ", text.split("\n"))
 
 
 class Logger:
@@ -76,8 +84,7 @@ class Logger:
 
     def _write(self, level: str, text: str) -> None:
         if self.framed:
-            head = f"{RECORD_MARK}{level} "
-            write_fd(self.fd, "".join(head + line + "\n" for line in text.split("\n")))
+            write_fd(self.fd, prefixed(f"{RECORD_MARK}{level} ", text.split("\n")))
             return
         line = _master_line(level, text)
         _recent.extend(line.splitlines())

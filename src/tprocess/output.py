@@ -25,17 +25,15 @@ import os
 import resource
 import selectors
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import logs
-from .logs import RECORD_MARK
+from .logs import LEVELS, RECORD_MARK
 
 READ_SIZE = 65536  # at most this much per pipe per turn of the loop
 MAX_LINE = 16384  # a longer line is written in pieces of this size
 DRAIN_READS = 64  # reads per pipe when a worker has exited (bounded: a grandchild may flood)
-LEVELS = frozenset({"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"})
 FDS_PER_WORKER = 2  # what the master holds per worker (the read ends)
 FD_MARGIN = 192  # besides the read ends: selector, sockets, log ... and a spawn batch's other ends
 
@@ -237,12 +235,10 @@ class OutputCapture:
 
 def _format(stream: _Stream, lines: list[str]) -> str:
     """Lines in the log's own format: `2026-11-29 06:49:18,123 TITLE[PID] LEVEL text`."""
-    now = time.time()
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f",{int(now % 1 * 1000):03d}"
-    who = f"{stamp} {stream.title}[{stream.pid}] "
+    who = f"{logs.timestamp()} {stream.title}[{stream.pid}] "
     head = f"{who}{stream.label} "
     if stream.label == "OUT":
-        return "".join(head + line + "\n" for line in lines)
+        return logs.prefixed(head, lines)
     return "".join(_err_line(who, head, line) for line in lines)
 
 
