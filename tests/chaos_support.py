@@ -36,7 +36,8 @@ def live_workers(name: str, master_pid: int) -> dict[str, Proc]:
     """Live children of the master titled as workers of instance `name`."""
     return {
         p.title: p for p in children_of(master_pid)
-        if p.state != "Z" and p.title.startswith(f"{name}-") and p.title != f"{name}-master"
+        if p.state != "Z" and p.title.startswith(f"{name}-")
+        and p.title not in (f"{name}-master", f"{name}-output")
     }
 
 

@@ -73,7 +73,7 @@ def workers_of(name: str, master_pid: int) -> dict[str, Proc]:
     return {
         p.title: p for p in process_table()
         if p.ppid == master_pid and p.state != "Z" and p.title.startswith(f"{name}-")
-        and p.title not in (f"{name}-master", f"{name}-metrics")
+        and p.title not in (f"{name}-master", f"{name}-metrics", f"{name}-output")
     }
 
 

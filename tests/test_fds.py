@@ -1,10 +1,12 @@
 """The master's descriptors never leak into a worker, however the numbers get reused.
 
-The master holds two pipe read ends per worker, its control socket, its selector and
-wake-up pipe; a freshly forked worker closes all of them (as runs of consecutive
-numbers, tracked by the master's selector: fdranges.py). Respawns punch holes in the
-numbering and fill them again: workers forked then must still close exactly the
-master's descriptors and keep their own.
+The master holds its control socket, its selector, its wake-up and ready pipes, the
+socket to its output process, and, for a moment around each fork, the new workers'
+pipes; a freshly forked worker closes all of them (as runs of consecutive numbers,
+tracked by the master's selector: fdranges.py). Respawns punch holes in the numbering
+and fill them again: workers forked then must still close exactly the master's
+descriptors and keep their own. The read ends of the workers' pipes are held by the
+output process alone (collector.py), never by the master.
 """
 
 from __future__ import annotations
@@ -91,9 +93,21 @@ def test_workers_hold_none_of_the_masters_descriptors_across_respawns(inst):
     master_links = set(links(master).values())
     listener = listener_of(inst.name)
     assert listener in master_links
-    assert sum(t.startswith("pipe:") for t in master_links) >= 24  # two read ends per worker
     ready = ready_pipe(master)
+    # no worker's pipe in the master (its own: the wake-up and the ready pipe); all of them
+    # in the output process
+    assert sum(t.startswith("pipe:") for t in master_links) == 2, master_links
+    reader = next(p for p in children_of(master) if p.title == f"{inst.name}-output")
+    read_ends = set(links(reader.pid).values())
+    for proc in workers.values():
+        own = links(proc.pid)
+        assert {own[1], own[2]} <= read_ends, proc.title
+        assert not {own[1], own[2]} & master_links, proc.title
     for proc in children_of(master):
+        if proc.pid == reader.pid:  # its own selector reads the same `anon_inode:[eventpoll]`
+            assert {t for t in read_ends if t.startswith("pipe:")} & master_links == set()
+            assert listener not in read_ends
+            continue
         assert leaked_into(proc.pid, master_links, listener, ready) == set(), proc.title
     assert inst.stop().returncode == 0
 

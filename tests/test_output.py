@@ -350,3 +350,43 @@ def test_too_many_workers_for_the_open_file_limit_is_one_clear_line(inst):
     assert line.startswith("tprocess: error: 100 workers need about") and "limit (ulimit -n) is 150" in line
     assert not instance_procs(inst.name)
     assert not inst.log.exists() or not inst.read_log()
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_output_process_is_replaced_and_so_are_the_workers_it_read(inst):
+    """The read ends of the workers' pipes live in NAME-output alone (the master holds none):
+    if it dies, the master starts another and replaces the workers at a task boundary, and
+    their output reaches the log again."""
+    from chaos_support import assert_zombies_reaped, children_of, signal_child
+
+    inst.write("jobs.py", TICKS)
+    inst.start("jobs.py:work", "-n", "3")
+    master = inst.master()
+    workers = inst.wait_workers(3)
+    wait_for(lambda: "OUT tick 2" in inst.read_log(), 10, what="the workers' output in the log")
+
+    def output_process() -> int | None:
+        found = [p.pid for p in children_of(master.pid)
+                 if p.title == f"{inst.name}-output" and p.state != "Z"]
+        return found[0] if len(found) == 1 else None
+
+    old = wait_for(output_process, 5, what="the output process")
+    assert signal_child(master.pid, old, signal.SIGKILL)  # our own instance's, by pid
+    new = wait_for(lambda: (pid := output_process()) != old and pid, 10, what="another output process")
+    replaced = wait_for(lambda: (w := workers_of(inst.name, master.pid)) and len(w) == 3
+                        and not {p.pid for p in w.values()} & {p.pid for p in workers.values()} and w,
+                        20, what="the three workers replaced")
+    fresh = {str(p.pid) for p in replaced.values()}
+    wait_for(lambda: fresh <= {m["pid"] for m in parse(inst.read_log())
+                               if m["level"] == "OUT" and m["message"].startswith("tick")},
+             10, what="the new workers' output in the log")
+    (group,) = status_json(inst)["groups"]
+    assert group["restarts"]["output"] == 3 and group["restarts"]["crash"] == 0, group
+    log = inst.read_log()
+    assert f"{inst.name}-output (pid {old}) was killed by SIGKILL: starting another" in log, log[-2000:]
+    assert "replacing 3 workers at their next task boundary" in log
+    assert output_process() == new
+    assert_zombies_reaped(master.pid)
+    result = inst.stop()
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert not instance_procs(inst.name)

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 COUNT_RE = re.compile(r"([+-]?)(\d{1,7})")
 RATE_WINDOW = 60.0  # seconds of throughput history kept per group
 RATE_SAMPLE_EVERY = 1.0
-REASONS = ("crash", "task_timeout", "setup_timeout", "max_tasks", "max_memory", "reload", "scale", "exit")
+REASONS = ("crash", "task_timeout", "setup_timeout", "max_tasks", "max_memory", "reload", "scale", "exit",
+           "output")
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A process counts as part of instance NAME only if all of these hold: it belongs
 to the calling user, its command line is a title of the instance (`NAME-master`,
-`NAME-metrics`, `NAME-I`, `NAME-GROUP-I`), and it holds the instance's marker memfd (see
+`NAME-metrics`, `NAME-output`, `NAME-I`, `NAME-GROUP-I`), and it holds the instance's marker memfd (see
 slots.marker_name). A stranger titled `tprocess-3` has no marker; a reused pid
 fails the start-time check. Signals go through a pidfd opened before the final
 check, so the check and the signal cannot race with pid reuse.
@@ -39,7 +39,7 @@ class ProcessRef(namedtuple("ProcessRef", "pid start_ticks title")):
 
 
 def title_pattern(name: str) -> re.Pattern[str]:
-    return re.compile(re.escape(name) + r"-(?:master|metrics|(?:[A-Za-z0-9_]+-)?\d+)")
+    return re.compile(re.escape(name) + r"-(?:master|metrics|output|(?:[A-Za-z0-9_]+-)?\d+)")
 
 
 def find_instance(name: str) -> list[ProcessRef]:

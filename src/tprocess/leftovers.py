@@ -41,11 +41,12 @@ class Leftovers:
         self.sweep()
 
     def sweep(self) -> None:
-        """Ask every child that is not a worker (nor the metrics process) to stop; kill it later."""
+        """Ask every child that is not a worker (nor the metrics or the output process) to stop;
+        kill it later."""
         m = self.m
-        aux_pid = m.aux.pid if m.aux is not None else 0
+        helpers = (m.aux.pid if m.aux is not None else 0, m.output.pid)
         fresh = [pid for pid in list_children(m.pid)
-                 if pid not in m.pool.by_pid and pid not in self.adopted and pid != aux_pid]
+                 if pid not in m.pool.by_pid and pid not in self.adopted and pid not in helpers]
         if not fresh:
             return
         log.info("stopping %d processes left behind by tasks: %s", len(fresh), fresh)

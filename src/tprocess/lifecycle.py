@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .master import Master
 
 BACKOFF_BASE = 0.1
-PLANNED = ("exit", "max_tasks", "max_memory")  # reasons that are no failure
+PLANNED = ("exit", "max_tasks", "max_memory", "output")  # reasons that are no failure
 
 
 class Lifecycle:

@@ -7,6 +7,10 @@ import sys
 import time
 from collections import deque
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 # Not the standard `logging`: importing it imports `threading`, whose at-fork handler
 # alone makes every forked worker copy ~90 more pages of the master (~360 KiB each,
 # measured: issue 8), and its module lock is taken around every fork. The master and
@@ -16,7 +20,9 @@ LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 _NAMES = {number: name for name, number in LEVELS.items()}
 
 _title = "tprocess"
-_recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top`
+_recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top` (without a ring)
+_tail: Ring | None = None  # the log's last bytes, shared with the output process (collector.py)
+_send: Callable[[str], bool] | None = None  # the output process, while it takes the master's lines
 
 
 def timestamp() -> str:
@@ -86,9 +92,7 @@ class Logger:
         if self.framed:
             write_fd(self.fd, prefixed(f"{RECORD_MARK}{level} ", text.split("\n")))
             return
-        line = _master_line(level, text)
-        _recent.extend(line.splitlines())
-        write_fd(self.fd, line)
+        _emit(_master_line(level, text))
 
 
 RECORD_MARK = "\x1e"  # ASCII record separator: starts each line of a worker's log record
@@ -117,9 +121,63 @@ def write_fd(fd: int, text: str) -> None:
         pass
 
 
+def _emit(text: str) -> None:
+    """The master's lines: through the output process while it runs, else on our descriptor."""
+    if _send is not None and _send(text):
+        return
+    if _tail is not None:
+        _tail.write(text)
+    else:
+        _recent.extend(text.splitlines())
+    write_fd(log.fd, text)
+
+
+def hand_lines_to(send: Callable[[str], bool] | None, tail: Ring | None) -> None:
+    """Let send (the output process) write the master's lines; keep the log's end in tail."""
+    global _send, _tail
+    _send, _tail = send, tail
+
+
 def recent_lines(count: int) -> list[str]:
-    """The last lines the master logged (its own, and its workers' when it carries them)."""
+    """The last lines of the log (the workers' too, once an output process writes them)."""
+    if _tail is not None:
+        return _tail.lines(count)
     return list(_recent)[-count:]
+
+
+class Ring:
+    """The log's last bytes, in memory shared by the master and the output process that writes
+    the log (forked after it is made): a count of the bytes ever written, then the bytes."""
+
+    SIZE = 256 * 1024
+
+    def __init__(self) -> None:
+        import mmap
+
+        self.mem = mmap.mmap(-1, 8 + self.SIZE)  # anonymous and shared
+
+    def write(self, text: str) -> None:
+        data = text.encode(errors="replace")[-self.SIZE:]
+        total = int.from_bytes(self.mem[:8], "little")
+        at = total % self.SIZE
+        first = min(len(data), self.SIZE - at)
+        self.mem[8 + at:8 + at + first] = data[:first]
+        if first < len(data):
+            self.mem[8:8 + len(data) - first] = data[first:]
+        self.mem[:8] = (total + len(data)).to_bytes(8, "little")
+
+    def lines(self, count: int) -> list[str]:
+        """The last count complete lines (a line being written meanwhile may come out torn)."""
+        total = int.from_bytes(self.mem[:8], "little")
+        if total <= self.SIZE:
+            data = self.mem[8:8 + total]
+        else:
+            at = 8 + total % self.SIZE
+            data = self.mem[at:] + self.mem[8:at]
+        lines = data.decode(errors="replace").split("\n")[:-1]
+        if total > self.SIZE:
+            lines = lines[1:]  # the oldest line lost its beginning
+        return lines[-count:] if count > 0 else []
 
 
 def set_title(title: str) -> None:
@@ -165,16 +223,21 @@ def frame_for_master(fd: int = 2) -> None:
 
 def write_raw(text: str) -> None:
     """Write lines already in the log's format (workers' output) where the log goes."""
-    _recent.extend(text.splitlines())  # `top` shows the workers' lines too
-    write_fd(log.fd, text)
+    _emit(text)
 
 
 def reopen_log_file(path: str) -> list[int]:
     """Open the log file again (after logrotate renamed it) and put the new file on every
     descriptor of this process that was the old one (in a daemon: 1, 2 and the handler's).
     Returns those descriptors; raises OSError if the file cannot be opened."""
-    old = _log_fds()
     new = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    return replace_log_fds(new)
+
+
+def replace_log_fds(new: int) -> list[int]:
+    """Put the file open on `new` on every descriptor of this process that is the log
+    (the logger's, and stdout/stderr if they are the same file); close `new`."""
+    old = _log_fds()
     try:
         for fd in old:
             os.dup2(new, fd, inheritable=fd <= 2)

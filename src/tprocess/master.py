@@ -9,7 +9,8 @@ timer is due: an idle master with no protection timers configured never wakes.
 What happens around the loop lives beside it: the worker table and each worker's
 life cycle (pool.py, lifecycle.py), start-up (startup.py), reloads and scaling
 (roll.py), hung-task checks (guards.py), control requests (commands.py), what tasks
-leave behind (leftovers.py), workers' output (output.py), systemd (notify.py).
+leave behind (leftovers.py), workers' output (output.py, read in a process of its own:
+collector.py), systemd (notify.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from . import auxiliary, control, logs, notify, output, proctitle, worker
+from . import auxiliary, collector, control, logs, notify, output, proctitle, worker
 from .commands import Commands, StopReport
 from .config import Config, GroupConfig, worker_title
 from .fdranges import TrackedSelector, ranges_with
@@ -72,7 +73,9 @@ class Master:
         self.slots = SlotTable(config.name, config.total_workers())
         self.pool = Pool(self.slots)
         self.selector = TrackedSelector()  # keeps its descriptors as runs, for closing in workers
-        self.output = output.OutputCapture(self.selector)  # workers' fd 1 and 2, into the log
+        # workers' fd 1 and 2 are read, and the log written, by a process of its own
+        self.output = collector.OutputProcess(f"{config.name}-output", self.slots.fd, HANDLED_SIGNALS,
+                                              self.selector)
         self.pending_signals: list[int] = []
         self.stopping = False
         self.stop_report = StopReport()
@@ -135,7 +138,7 @@ class Master:
     def _master_only_fds(self) -> list[tuple[int, int]]:
         """Descriptors a worker must not keep (the listener would hold the lock), as runs
         [lo, hi): computed in the master before fork, in O(runs), not O(workers)."""
-        fds = [self.wake_w, self.selector.fileno()]
+        fds = [self.wake_w, self.selector.fileno(), self.output.fileno()]
         fds.extend(self.commands.waiting_fds())
         fds += [self.startup.notify_fd or -1, self.notifier.fileno()]
         return ranges_with(self.selector.fds.ranges(), fds)
@@ -153,6 +156,7 @@ class Master:
         output.prepare_for_workers()
         release_free_memory()  # so that fork() copies fewer page-table entries
         gc.freeze()  # keep the master's objects out of the workers' copied pages
+        self.output.start()
         log.info("starting %d workers", len(self.startup.awaiting))
         self.spawn_many(list(self.pool.all_workers()))
         if self.aux is not None:
@@ -196,6 +200,8 @@ class Master:
         due = []
         if (systemd_due := self.notifier.next_due()) is not None:
             due.append(systemd_due)  # only when systemd asked for a watchdog, or a stop is long
+        if (output_due := self.output.next_due()) is not None:
+            due.append(output_due)  # only at the end of a stop
         if self.aux is not None and (aux_due := self.aux.next_due(self.stopping)) is not None:
             due.append(aux_due)
         return due
@@ -203,6 +209,7 @@ class Master:
     def _run_helper_timers(self) -> None:
         now = time.monotonic()
         self.notifier.run_due(now)
+        self.output.run_due(now)
         if self.aux is not None:
             self.aux.run_due(now, self.stopping)
 
@@ -257,6 +264,7 @@ class Master:
             return
         try:
             logs.reopen_log_file(os.fspath(path))
+            self.output.reopen(log.fd)  # it writes the log: the new file is for it too
         except OSError as exc:
             log.error("SIGUSR1: cannot reopen the log file %s: %s; still writing to the old one",
                       path, exc.strerror)
@@ -297,15 +305,15 @@ class Master:
             w.cancel_timer()
             group = self.group_config(w)
             spec = self._spec(w, group)
-            try:
-                spec.output = output.Pipes.open()
+            try:  # without an output process (it could not be forked), fd 1 and 2 are the master's
+                spec.output = output.Pipes.open() if self.output.running else None
             except OSError as exc:
                 self._fork_failed(w, exc)
                 continue
             prepared.append((w, group, spec))
         # each child closes every pipe of the batch too: its own are on fd 1 and 2 by then
         master_fds = self._master_only_fds() + [
-            r for _, _, spec in prepared for r in spec.output.fd_runs()]  # type: ignore[union-attr]
+            r for _, _, spec in prepared if spec.output for r in spec.output.fd_runs()]
         pids: list[int] = []
         error: OSError | None = None
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
@@ -321,7 +329,8 @@ class Master:
         for (w, group, spec), pid in zip(prepared[:len(pids)], pids, strict=True):
             self._forked(w, group, spec, pid)
         for w, _, spec in prepared[len(pids):]:
-            spec.output.close()  # type: ignore[union-attr]
+            if spec.output is not None:
+                spec.output.close()
             self._fork_failed(w, error)  # type: ignore[arg-type]
 
     def _spec(self, w: Worker, group: GroupConfig) -> worker.WorkerSpec:
@@ -342,7 +351,8 @@ class Master:
         w.timer = self.timers.call_later(1.0, self.life.restart, w)
 
     def _forked(self, w: Worker, group: GroupConfig, spec: worker.WorkerSpec, pid: int) -> None:
-        self.output.watch(spec.output, w.title, pid)  # type: ignore[arg-type]
+        if spec.output is not None:
+            self.output.watch(spec.output, w.title, pid)
         w.move(Phase.STARTING)
         w.pid = pid
         w.started_at = time.monotonic()
@@ -369,6 +379,9 @@ class Master:
         for pid, status in exited:
             if self.aux is not None and self.aux.reaped(pid, status, self.stopping):
                 continue
+            if self.output.reaped(pid, status):
+                self._output_process_ended()
+                continue
             w = self.pool.by_pid.pop(pid, None)
             if w is None:
                 self.leftovers.reaped(pid, status)
@@ -378,6 +391,19 @@ class Master:
             # a worker's exit may leave its own children to us: look a little later,
             # off the respawn path (reading /proc competes with the new worker)
             self.leftovers.sweep_soon()
+
+    def _output_process_ended(self) -> None:
+        """Unless at the end of a stop: start another and replace the workers it read for,
+        at their next task boundary (nothing reads their pipes any more)."""
+        if self.stopping or not self.output.start():
+            return
+        live = [w for w in self.pool.live() if w.phase is not Phase.RETIRING and not w.ending]
+        if live:
+            log.warning("replacing %d workers at their next task boundary: their output pipes "
+                        "were read by the process that died", len(live))
+        for w in live:
+            w.ending = "output"
+        self._signal_all([w.pid for w in live], signal.SIGTERM)
 
     # --- stopping ------------------------------------------------------------------------------
 
@@ -432,13 +458,14 @@ class Master:
             return False
         self.leftovers.sweep()
         aux_running = self.aux is not None and self.aux.stop()  # last: metrics stay up while workers stop
-        return not self.leftovers.any() and not aux_running
+        if self.leftovers.any() or aux_running:
+            return False
+        return not self.output.stop()  # the very last: it drains every pipe and writes the log
 
     def _finish(self) -> None:
         report = self.stop_report
         if report.killed or self.startup.error:
             self.exit_code = 1
-        self.startup.finish()
-        self.output.close()  # every worker's last lines are in the log before stop returns
+        self.startup.finish()  # the output process drained every worker's pipes before it exited
         self.commands.answer_stop_waiters()
         log.info("stopped: %d workers exited, %d killed", len(report.stopped), len(report.killed))

@@ -2,20 +2,20 @@
 
 Before each fork the master makes two pipes; the child puts their write ends on its
 fd 1 and 2, so a print(), a C library writing to fd 2 and a program the task execs
-all write into them. The master reads the other ends in its event loop and writes
-each line to the log as `TIME TITLE[PID] OUT|ERR text`, in the log's own format. The
-master is the log's only writer, so lines never interleave mid-line, and each pipe
-keeps its own partial line, so one worker's half line is never glued to another's.
+all write into them. The output process (collector.py) reads the other ends in its
+event loop and writes each line to the log as `TIME TITLE[PID] OUT|ERR text`, in the
+log's own format. It is the log's only writer, so lines never interleave mid-line, and
+each pipe keeps its own partial line, so one worker's half line is never glued to another's.
 
 The worker's own log records (ctx.log, tracebacks of failing tasks) go to fd 2 too,
-framed: each line starts with RECORD_MARK and the record's level, and the master
-writes it with that level instead of ERR (so nothing is prefixed twice, and every
-line of a traceback carries the full prefix).
+framed: each line starts with RECORD_MARK and the record's level, and it is written
+with that level instead of ERR (so nothing is prefixed twice, and every line of a
+traceback carries the full prefix).
 
 Fairness: a readable pipe gets one read of at most READ_SIZE per turn of the loop,
-so a worker flooding its output cannot starve respawns, stops or status requests;
-when the master falls behind, the pipe fills and the flooding worker blocks in its
-write (back-pressure on the writer, never on the master).
+so a worker flooding its output cannot starve the others (nor the master's own lines,
+read first); when the reader falls behind, the pipe fills and the flooding worker blocks
+in its write (back-pressure on the writer, never on the master).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from .logs import LEVELS, RECORD_MARK
 READ_SIZE = 65536  # at most this much per pipe per turn of the loop
 MAX_LINE = 16384  # a longer line is written in pieces of this size
 DRAIN_READS = 64  # reads per pipe when a worker has exited (bounded: a grandchild may flood)
-FDS_PER_WORKER = 2  # what the master holds per worker (the read ends)
+FDS_PER_WORKER = 2  # what the output process holds per worker (the read ends)
 FD_MARGIN = 192  # besides the read ends: selector, sockets, log ... and a spawn batch's other ends
 
 _original_nofile: int | None = None  # the soft limit before raise_fd_limit, restored in workers
@@ -56,12 +56,12 @@ class Pipes:
         try:
             err_r, err_w = os.pipe2(os.O_CLOEXEC)
         except OSError:
-            _close_all([out_r, out_w])
+            close_fds([out_r, out_w])
             raise
         return cls(out_r, out_w, err_r, err_w)
 
     def close(self) -> None:
-        _close_all([self.out_r, self.out_w, self.err_r, self.err_w])
+        close_fds([self.out_r, self.out_w, self.err_r, self.err_w])
 
     def fd_runs(self) -> list[tuple[int, int]]:
         """The four descriptors as runs [fd, fd + 1), for a child to close."""
@@ -112,7 +112,7 @@ def silence() -> None:
     os.close(null)
 
 
-# --- the master's side -------------------------------------------------------------------------
+# --- the reading side (the output process) -------------------------------------------------------
 
 
 class _Stream:
@@ -154,7 +154,7 @@ class _Stream:
 
 
 class OutputCapture:
-    """The master's reader of every worker's pipes, driven by the master's selector."""
+    """The reader of every worker's pipes, driven by the output process's selector."""
 
     def __init__(self, selector: selectors.BaseSelector,
                  write: Callable[[str], None] | None = None) -> None:
@@ -164,19 +164,14 @@ class OutputCapture:
         self.by_pid: dict[int, tuple[_Stream, _Stream]] = {}  # live worker -> its streams
         self._readable = self._on_readable  # one bound method for every pipe's selector key
 
-    def watch(self, pipes: Pipes, title: str, pid: int) -> None:
-        """In the master right after fork: keep the read ends, close the write ends."""
-        _close_all([pipes.out_w, pipes.err_w])
-        out, err = _Stream(pipes.out_r, title, pid, "OUT"), _Stream(pipes.err_r, title, pid, "ERR")
+    def watch(self, out_r: int, err_r: int, title: str, pid: int) -> None:
+        """Read a new worker's pipes (the read ends of its fd 1 and 2)."""
+        out, err = _Stream(out_r, title, pid, "OUT"), _Stream(err_r, title, pid, "ERR")
         for stream in (out, err):
             os.set_blocking(stream.fd, False)
             self.streams[stream.fd] = stream
             self.selector.register(stream.fd, selectors.EVENT_READ, self._readable)
         self.by_pid[pid] = (out, err)
-
-    def read_fds(self) -> list[int]:
-        """Descriptors a new worker must close (other workers' read ends)."""
-        return list(self.streams)
 
     def _on_readable(self, fd: int) -> None:
         stream = self.streams.get(fd)
@@ -213,7 +208,7 @@ class OutputCapture:
             self.selector.unregister(stream.fd)
         except (KeyError, ValueError):
             pass
-        _close_all([stream.fd])
+        close_fds([stream.fd])
 
     def worker_exited(self, pid: int) -> None:
         """Write what an exited worker left in its pipes, before its exit is logged.
@@ -280,7 +275,7 @@ def raise_fd_limit(workers: int) -> str | None:
     return None
 
 
-def _close_all(fds: list[int]) -> None:
+def close_fds(fds: list[int]) -> None:
     for fd in fds:
         try:
             os.close(fd)

@@ -1,0 +1,329 @@
+"""Workers' output is read in a process of its own, NAME-output: the master holds no pipe.
+
+Why (issue 8): the master used to hold the read ends of every worker's two output pipes.
+Every fork copied them and every new worker closed them again, so at 2,000 workers a
+respawn copied and closed 4,000 descriptors (9.8 ms, against 3.4 ms for the same master
+without them) and a start of 2,000 did so 2,000 times.
+
+How: the master still makes a worker's pipes before its fork (output.Pipes); right after
+the fork it sends their read ends here (SCM_RIGHTS on a SOCK_SEQPACKET socket) and closes
+all four. This process reads them with output.OutputCapture, as the master did, and
+writes the lines to the log.
+
+It is the log's only writer while it runs: the master sends its own lines down the same
+socket, in order, so no two processes interleave in the log, and "drain pid" goes before
+the master's line about a worker's exit, so that worker's last lines come first. When it
+is not running (before the first fork, at the end of a stop, between its death and its
+restart) the master writes its lines itself. The last lines of the log, the workers'
+included, are kept in a ring shared with the master, for `top`.
+
+It is forked from the master (no exec: it needs nothing the master does not have), with
+the master's signals blocked, and it ignores the signals an operator or a terminal sends
+to the whole instance. It ends when the master asks, at the end of a stop, after draining
+every pipe; or, if the master dies, once its workers are gone. If it dies, the master
+starts another and has the workers it read replaced at their next task boundary (restart
+reason `output`): nothing reads their pipes any more.
+"""
+
+from __future__ import annotations
+
+import _signal
+import os
+import selectors
+import socket
+import time
+from collections import deque
+from collections.abc import Sequence
+
+from . import logs, output, proctitle
+from .logs import log
+
+MESSAGE_MAX = 65536  # bytes per message on the socket (longer log text goes in pieces)
+MESSAGES_PER_TURN = 512  # the master's messages handled before the pipes get their turn
+OUTBOX_MAX = 100_000  # the master's lines waiting for a stalled output process; past it, dropped
+STOP_GRACE = 5.0  # seconds the output process gets to drain every pipe at the end of a stop
+ORPHAN_CHECK = 1.0  # seconds between looks for live workers once the master is gone
+
+WATCH, DRAIN, LINES, REOPEN, FINISH = b"W", b"X", b"L", b"R", b"F"
+
+
+class OutputProcess:
+    """The master's side: starts the process, sends it pipes and lines, knows its pid."""
+
+    def __init__(self, title: str, keep_fd: int, blocked: Sequence[int],
+                 selector: selectors.BaseSelector) -> None:
+        self.title = title
+        self.keep_fd = keep_fd  # the instance's marker: discovery proves the process by it
+        self.blocked = tuple(blocked)
+        self.selector = selector
+        self.pid = 0
+        self.sock: socket.socket | None = None
+        self.outbox: deque[tuple[bytes, list[int]]] = deque()  # sent when the socket has room
+        self.dropped = 0
+        self.finishing = False
+        self.kill_at: float | None = None
+        self.ring = logs.Ring()
+
+    @property
+    def running(self) -> bool:
+        return self.sock is not None
+
+    def fileno(self) -> int:
+        return self.sock.fileno() if self.sock is not None else -1
+
+    def start(self) -> bool:
+        """Fork the process; until it runs the master writes its own lines."""
+        master_end, own_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, self.blocked)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+            master_end.close()
+            own_end.close()
+            log.error("cannot fork %s: %s; workers started meanwhile write to the master's log "
+                      "unprefixed", self.title, exc.strerror)
+            return False
+        if pid == 0:
+            _become_output_process(self.title, own_end, self.keep_fd, self.blocked, self.ring)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
+        own_end.close()
+        master_end.setblocking(False)
+        self.sock, self.pid, self.finishing, self.kill_at = master_end, pid, False, None
+        logs.hand_lines_to(self.send_lines, self.ring)
+        log.info("started %s (pid %d)", self.title, pid)
+        return True
+
+    # --- what the master sends ----------------------------------------------------------
+
+    def watch(self, pipes: output.Pipes, title: str, pid: int) -> None:
+        """Right after a fork: the read ends go to the output process; the master keeps none."""
+        output.close_fds([pipes.out_w, pipes.err_w])
+        self._send(b"%s%d %s" % (WATCH, pid, title.encode()), [pipes.out_r, pipes.err_r])
+
+    def worker_exited(self, pid: int) -> None:
+        """Before the master's line about the exit: the worker's last lines."""
+        self._send(b"%s%d" % (DRAIN, pid))
+
+    def send_lines(self, text: str) -> bool:
+        """The master's log lines, in order with the rest; False: write them yourself."""
+        if self.sock is None or self.finishing:
+            return False
+        data = text.encode(errors="replace")
+        for at in range(0, len(data), MESSAGE_MAX - 1):
+            if not self._send(LINES + data[at:at + MESSAGE_MAX - 1], droppable=True):
+                return False
+        return True
+
+    def reopen(self, fd: int) -> None:
+        """After SIGUSR1: the master's new log descriptor, for the output process to write to."""
+        if self.sock is not None:
+            self._send(REOPEN, [os.dup(fd)])
+
+    def _send(self, data: bytes, fds: list[int] | None = None, droppable: bool = False) -> bool:
+        """Send one message, or queue it behind those waiting; the fds sent are closed here."""
+        fds = fds or []
+        if self.sock is None:
+            output.close_fds(fds)
+            return False
+        if not self.outbox:
+            try:
+                self._send_now(data, fds)
+                return True
+            except BlockingIOError:
+                pass
+            except OSError:  # it died: its exit is reaped soon; until then we write ourselves
+                output.close_fds(fds)
+                return False
+        if droppable and len(self.outbox) >= OUTBOX_MAX:
+            self.dropped += 1
+            return True
+        if not self.outbox:
+            self.selector.register(self.sock, selectors.EVENT_WRITE, self._flush)
+        self.outbox.append((data, fds))
+        return True
+
+    def _send_now(self, data: bytes, fds: list[int]) -> None:
+        assert self.sock is not None
+        if fds:
+            socket.send_fds(self.sock, [data], fds)
+            output.close_fds(fds)
+        else:
+            self.sock.send(data)
+
+    def _flush(self, sock: socket.socket) -> None:
+        """The socket has room again: send what waits, oldest first."""
+        while self.outbox:
+            data, fds = self.outbox[0]
+            try:
+                self._send_now(data, fds)
+            except BlockingIOError:
+                return
+            except OSError:
+                break
+            self.outbox.popleft()
+        self._clear_outbox()
+        if self.dropped:
+            dropped, self.dropped = self.dropped, 0
+            log.warning("%d log lines of the master were dropped: %s fell behind", dropped, self.title)
+
+    def _clear_outbox(self) -> None:
+        for _, fds in self.outbox:
+            output.close_fds(fds)
+        self.outbox.clear()
+        if self.sock is not None:
+            try:
+                self.selector.unregister(self.sock)
+            except (KeyError, ValueError):
+                pass
+
+    # --- its end ----------------------------------------------------------------------------
+
+    def reaped(self, pid: int, status: int) -> bool:
+        """Handle the exit if pid is this process's; False if it is not."""
+        if not pid or pid != self.pid:
+            return False
+        from .lifecycle import describe_status  # lifecycle imports the master's modules
+
+        expected = self.finishing
+        self._forget()
+        if expected:
+            log.info("%s (pid %d) %s", self.title, pid, describe_status(status))
+        else:
+            log.error("%s (pid %d) %s: starting another", self.title, pid, describe_status(status))
+        return True
+
+    def _forget(self) -> None:
+        logs.hand_lines_to(None, self.ring)
+        self._clear_outbox()
+        if self.sock is not None:
+            self.sock.close()
+        self.sock, self.pid, self.kill_at = None, 0, None
+
+    def stop(self) -> bool:
+        """At the end of a stop, once the workers are gone: ask it to drain every pipe and
+        exit; from then on the master writes its own lines. True while it still runs."""
+        if not self.pid:
+            return False
+        if not self.finishing:
+            self._send(FINISH)
+            self.finishing = True  # after the message: the lines before it go through it
+            self.kill_at = time.monotonic() + STOP_GRACE
+            logs.hand_lines_to(None, self.ring)
+        return True
+
+    def next_due(self) -> float | None:
+        return self.kill_at
+
+    def run_due(self, now: float) -> None:
+        if self.kill_at is not None and self.kill_at <= now and self.pid:
+            self.kill_at = None
+            log.warning("killing %s (pid %d): it did not finish %.0fs after the stop",
+                        self.title, self.pid, STOP_GRACE)
+            from .lifecycle import signal_child
+
+            signal_child(self.pid, _signal.SIGKILL)
+
+
+# --- the output process -------------------------------------------------------------------------
+
+
+def _become_output_process(title: str, sock: socket.socket, keep_fd: int, blocked: Sequence[int],
+                           ring: logs.Ring) -> None:
+    """In the child: the master's descriptors closed, its signals ignored; never returns."""
+    code = 1
+    try:
+        for sig in blocked:  # still blocked: no handler of the master runs
+            _signal.signal(sig, _signal.SIG_IGN)
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)  # the master's wake pipe is not ours to write
+        _close_all_but({sock.fileno(), keep_fd, logs.log.fd})
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
+        proctitle.setproctitle(title)
+        logs.set_title(title)
+        logs.hand_lines_to(None, None)
+        _Server(sock, ring).run()
+        code = 0
+    except BaseException:  # noqa: BLE001 - never return into the master's code
+        log.exception("%s failed", title)
+    finally:
+        os._exit(code)
+
+
+def _close_all_but(keep: set[int]) -> None:
+    low = 3
+    for fd in sorted(fd for fd in keep if fd >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+class _Server:
+    """The output process's loop: the master's messages first, then one read per pipe."""
+
+    def __init__(self, sock: socket.socket, ring: logs.Ring) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.ring = ring
+        self.selector = selectors.DefaultSelector()
+        self.capture = output.OutputCapture(self.selector, self.write)
+        self.selector.register(sock, selectors.EVENT_READ, self._on_messages)
+        self.master_gone = False
+        self.finish = False
+
+    def write(self, text: str) -> None:
+        self.ring.write(text)
+        logs.write_fd(logs.log.fd, text)
+
+    def run(self) -> None:
+        while not self.finish:
+            for key, _ in self.selector.select(ORPHAN_CHECK if self.master_gone else None):
+                key.data(key.fileobj)
+            if self.master_gone and not self._workers_left():
+                break
+        self.capture.close()
+
+    def _on_messages(self, sock: socket.socket) -> None:
+        for _ in range(MESSAGES_PER_TURN):
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, MESSAGE_MAX, 2)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:  # the master is gone: serve its workers' pipes until they are too
+                self.master_gone = True
+                self.selector.unregister(sock)
+                return
+            self._handle(data[:1], data[1:], fds)
+            if self.finish:
+                return
+
+    def _handle(self, kind: bytes, body: bytes, fds: list[int]) -> None:
+        if kind == WATCH and len(fds) == 2:
+            pid, _, title = body.partition(b" ")
+            self.capture.watch(fds[0], fds[1], title.decode(errors="replace"), int(pid))
+        elif kind == DRAIN:
+            self.capture.worker_exited(int(body))
+        elif kind == LINES:
+            self.write(body.decode(errors="replace"))
+        elif kind == REOPEN and fds:
+            logs.replace_log_fds(fds[0])
+        elif kind == FINISH:
+            self.finish = True
+        else:
+            output.close_fds(fds)
+
+    def _workers_left(self) -> bool:
+        """Once the master is gone: pipes still open and a worker still alive."""
+        if not self.capture.streams:
+            return False
+        for pid in self.capture.by_pid:
+            try:
+                os.kill(pid, 0)
+                return True
+            except ProcessLookupError:
+                continue
+            except PermissionError:  # a reused pid of someone else's: not ours
+                continue
+        return False
