@@ -317,8 +317,10 @@ class Harness:
                     cands.append((p, st[3]))
             if not cands:
                 raise RunError("no original worker left to kill")
-            victim, vstart = self.rng.choice(cands)
             rec.poll()
+            # only a process that runs tasks (tprocess's output process is a child too)
+            cands = [(p, st) for p, st in cands if p in rec.first_s] or cands
+            victim, vstart = self.rng.choice(cands)
             k = len(rec.order)
             t0 = time.monotonic_ns()
             if not pu.kill_verified(victim, vstart):

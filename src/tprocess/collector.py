@@ -8,7 +8,10 @@ without them) and a start of 2,000 did so 2,000 times.
 How: the master still makes a worker's pipes before its fork (output.Pipes); right after
 the fork it sends their read ends here (SCM_RIGHTS on a SOCK_SEQPACKET socket) and closes
 all four. This process reads them with output.OutputCapture, as the master did, and
-writes the lines to the log.
+writes the lines to the log. The master queues what it sends (records: a length, a kind,
+a body; the descriptors of a message go to its W records in order) and sends it in one
+message before its loop sleeps, or after a batch of forks: a stop of 2,000 workers is a
+few dozen messages, not 4,000.
 
 It is the log's only writer while it runs: the master sends its own lines down the same
 socket, in order, so no two processes interleave in the log, and "drain pid" goes before
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import _signal
 import os
+import select
 import selectors
 import socket
 import time
@@ -38,9 +42,11 @@ from collections.abc import Sequence
 from . import logs, output, proctitle
 from .logs import log
 
-MESSAGE_MAX = 65536  # bytes per message on the socket (longer log text goes in pieces)
-MESSAGES_PER_TURN = 512  # the master's messages handled before the pipes get their turn
-OUTBOX_MAX = 100_000  # the master's lines waiting for a stalled output process; past it, dropped
+MESSAGE_MAX = 65536  # bytes of one message on the socket
+RECORD_MAX = 16384  # log text goes in records of at most this many bytes
+FDS_MAX = 250  # descriptors in one message (the kernel takes up to 253)
+MESSAGES_PER_TURN = 64  # the master's messages handled before the pipes get their turn
+OUTBOX_MAX = 10_000  # messages waiting for a stalled output process; past it, lines are dropped
 STOP_GRACE = 5.0  # seconds the output process gets to drain every pipe at the end of a stop
 ORPHAN_CHECK = 1.0  # seconds between looks for live workers once the master is gone
 
@@ -48,7 +54,7 @@ WATCH, DRAIN, LINES, REOPEN, FINISH = b"W", b"X", b"L", b"R", b"F"
 
 
 class OutputProcess:
-    """The master's side: starts the process, sends it pipes and lines, knows its pid."""
+    """The master's side: starts the process, queues and sends it pipes and lines, knows its pid."""
 
     def __init__(self, title: str, keep_fd: int, blocked: Sequence[int],
                  selector: selectors.BaseSelector) -> None:
@@ -58,7 +64,9 @@ class OutputProcess:
         self.selector = selector
         self.pid = 0
         self.sock: socket.socket | None = None
-        self.outbox: deque[tuple[bytes, list[int]]] = deque()  # sent when the socket has room
+        self.pending = bytearray()  # records not sent yet
+        self.pending_fds: list[int] = []  # their descriptors, in order
+        self.outbox: deque[tuple[bytes, list[int]]] = deque()  # messages waiting for room
         self.dropped = 0
         self.finishing = False
         self.kill_at: float | None = None
@@ -99,59 +107,74 @@ class OutputProcess:
     def watch(self, pipes: output.Pipes, title: str, pid: int) -> None:
         """Right after a fork: the read ends go to the output process; the master keeps none."""
         output.close_fds([pipes.out_w, pipes.err_w])
-        self._send(b"%s%d %s" % (WATCH, pid, title.encode()), [pipes.out_r, pipes.err_r])
+        self._queue(WATCH, b"%d %s" % (pid, title.encode()), [pipes.out_r, pipes.err_r])
 
     def worker_exited(self, pid: int) -> None:
         """Before the master's line about the exit: the worker's last lines."""
-        self._send(b"%s%d" % (DRAIN, pid))
+        self._queue(DRAIN, b"%d" % pid)
 
     def send_lines(self, text: str) -> bool:
         """The master's log lines, in order with the rest; False: write them yourself."""
         if self.sock is None or self.finishing:
             return False
         data = text.encode(errors="replace")
-        for at in range(0, len(data), MESSAGE_MAX - 1):
-            if not self._send(LINES + data[at:at + MESSAGE_MAX - 1], droppable=True):
-                return False
+        for at in range(0, len(data), RECORD_MAX):
+            self._queue(LINES, data[at:at + RECORD_MAX])
         return True
 
     def reopen(self, fd: int) -> None:
         """After SIGUSR1: the master's new log descriptor, for the output process to write to."""
         if self.sock is not None:
-            self._send(REOPEN, [os.dup(fd)])
+            self._queue(REOPEN, b"", [os.dup(fd)])
 
-    def _send(self, data: bytes, fds: list[int] | None = None, droppable: bool = False) -> bool:
-        """Send one message, or queue it behind those waiting; the fds sent are closed here."""
+    def _queue(self, kind: bytes, body: bytes, fds: list[int] | None = None) -> None:
         fds = fds or []
         if self.sock is None:
             output.close_fds(fds)
-            return False
+            return
+        if len(self.pending) + 5 + len(body) > MESSAGE_MAX or len(self.pending_fds) + len(fds) > FDS_MAX:
+            self.flush()
+        self.pending += (len(body) + 1).to_bytes(4, "little") + kind + body
+        self.pending_fds += fds
+
+    def flush(self) -> None:
+        """Send what was queued, in one message (the master's loop calls this before it sleeps)."""
+        if not self.pending:
+            return
+        data, fds = bytes(self.pending), self.pending_fds
+        self.pending, self.pending_fds = bytearray(), []
+        self._send(data, fds)
+
+    def _send(self, data: bytes, fds: list[int]) -> None:
+        """Send one message, or keep it behind those waiting; its descriptors are closed here."""
+        if self.sock is None:
+            output.close_fds(fds)
+            return
         if not self.outbox:
             try:
                 self._send_now(data, fds)
-                return True
+                return
             except BlockingIOError:
                 pass
-            except OSError:  # it died: its exit is reaped soon; until then we write ourselves
+            except OSError:  # it died: its exit is reaped soon, and the master writes its lines
                 output.close_fds(fds)
-                return False
-        if droppable and len(self.outbox) >= OUTBOX_MAX:
+                return
+        if not fds and len(self.outbox) >= OUTBOX_MAX:
             self.dropped += 1
-            return True
+            return
         if not self.outbox:
-            self.selector.register(self.sock, selectors.EVENT_WRITE, self._flush)
+            self.selector.register(self.sock, selectors.EVENT_WRITE, self._flush_outbox)
         self.outbox.append((data, fds))
-        return True
 
     def _send_now(self, data: bytes, fds: list[int]) -> None:
         assert self.sock is not None
         if fds:
-            socket.send_fds(self.sock, [data], fds)
+            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
             output.close_fds(fds)
         else:
             self.sock.send(data)
 
-    def _flush(self, sock: socket.socket) -> None:
+    def _flush_outbox(self, sock: socket.socket) -> None:
         """The socket has room again: send what waits, oldest first."""
         while self.outbox:
             data, fds = self.outbox[0]
@@ -165,7 +188,8 @@ class OutputProcess:
         self._clear_outbox()
         if self.dropped:
             dropped, self.dropped = self.dropped, 0
-            log.warning("%d log lines of the master were dropped: %s fell behind", dropped, self.title)
+            log.warning("%d messages of the master's log lines were dropped: %s fell behind",
+                        dropped, self.title)
 
     def _clear_outbox(self) -> None:
         for _, fds in self.outbox:
@@ -195,6 +219,8 @@ class OutputProcess:
 
     def _forget(self) -> None:
         logs.hand_lines_to(None, self.ring)
+        output.close_fds(self.pending_fds)
+        self.pending, self.pending_fds = bytearray(), []
         self._clear_outbox()
         if self.sock is not None:
             self.sock.close()
@@ -206,7 +232,8 @@ class OutputProcess:
         if not self.pid:
             return False
         if not self.finishing:
-            self._send(FINISH)
+            self._queue(FINISH, b"")
+            self.flush()
             self.finishing = True  # after the message: the lines before it go through it
             self.kill_at = time.monotonic() + STOP_GRACE
             logs.hand_lines_to(None, self.ring)
@@ -223,6 +250,10 @@ class OutputProcess:
             from .lifecycle import signal_child
 
             signal_child(self.pid, _signal.SIGKILL)
+
+
+def _fd_array(fds: list[int]) -> bytes:
+    return b"".join(fd.to_bytes(4, "little", signed=True) for fd in fds)
 
 
 # --- the output process -------------------------------------------------------------------------
@@ -265,9 +296,9 @@ class _Server:
         sock.setblocking(False)
         self.sock = sock
         self.ring = ring
-        self.selector = selectors.DefaultSelector()
-        self.capture = output.OutputCapture(self.selector, self.write)
-        self.selector.register(sock, selectors.EVENT_READ, self._on_messages)
+        self.poller = select.epoll()
+        self.poller.register(sock.fileno(), select.EPOLLIN)
+        self.capture = output.OutputCapture(self.poller, self.write)
         self.master_gone = False
         self.finish = False
 
@@ -276,43 +307,56 @@ class _Server:
         logs.write_fd(logs.log.fd, text)
 
     def run(self) -> None:
+        sock_fd = self.sock.fileno()
         while not self.finish:
-            for key, _ in self.selector.select(ORPHAN_CHECK if self.master_gone else None):
-                key.data(key.fileobj)
+            events = self.poller.poll(ORPHAN_CHECK if self.master_gone else -1)
+            if not self.master_gone and any(fd == sock_fd for fd, _ in events):
+                self._on_messages()
+            for fd, _ in events:
+                if fd != sock_fd:
+                    self.capture.on_readable(fd)
             if self.master_gone and not self._workers_left():
                 break
         self.capture.close()
 
-    def _on_messages(self, sock: socket.socket) -> None:
+    def _on_messages(self) -> None:
         for _ in range(MESSAGES_PER_TURN):
             try:
-                data, fds, _, _ = socket.recv_fds(sock, MESSAGE_MAX, 2)
+                data, ancillary, _, _ = self.sock.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4))
             except BlockingIOError:
                 return
             except OSError:
-                data, fds = b"", []
+                data, ancillary = b"", []
+            fds = _received_fds(ancillary)
             if not data:  # the master is gone: serve its workers' pipes until they are too
+                output.close_fds(fds)
                 self.master_gone = True
-                self.selector.unregister(sock)
+                self.poller.unregister(self.sock.fileno())
                 return
-            self._handle(data[:1], data[1:], fds)
+            self._handle(data, fds)
             if self.finish:
                 return
 
-    def _handle(self, kind: bytes, body: bytes, fds: list[int]) -> None:
-        if kind == WATCH and len(fds) == 2:
-            pid, _, title = body.partition(b" ")
-            self.capture.watch(fds[0], fds[1], title.decode(errors="replace"), int(pid))
-        elif kind == DRAIN:
-            self.capture.worker_exited(int(body))
-        elif kind == LINES:
-            self.write(body.decode(errors="replace"))
-        elif kind == REOPEN and fds:
-            logs.replace_log_fds(fds[0])
-        elif kind == FINISH:
-            self.finish = True
-        else:
-            output.close_fds(fds)
+    def _handle(self, data: bytes, fds: list[int]) -> None:
+        """Each record of one message, in order; W records take the message's descriptors."""
+        given = iter(fds)
+        at = 0
+        while at + 5 <= len(data):
+            end = at + 4 + int.from_bytes(data[at:at + 4], "little")
+            kind, body = data[at + 4:at + 5], data[at + 5:end]
+            at = end
+            if kind == LINES:
+                self.write(body.decode(errors="replace"))
+            elif kind == DRAIN:
+                self.capture.worker_exited(int(body))
+            elif kind == WATCH:
+                pid, _, title = body.partition(b" ")
+                self.capture.watch(next(given), next(given), title.decode(errors="replace"), int(pid))
+            elif kind == REOPEN:
+                logs.replace_log_fds(next(given))
+            elif kind == FINISH:
+                self.finish = True
+        output.close_fds(list(given))  # none, unless a message was garbled
 
     def _workers_left(self) -> bool:
         """Once the master is gone: pipes still open and a worker still alive."""
@@ -322,8 +366,15 @@ class _Server:
             try:
                 os.kill(pid, 0)
                 return True
-            except ProcessLookupError:
-                continue
-            except PermissionError:  # a reused pid of someone else's: not ours
+            except (ProcessLookupError, PermissionError):  # gone, or a reused pid of someone else's
                 continue
         return False
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % 4
+            fds += [int.from_bytes(data[i:i + 4], "little", signed=True) for i in range(0, usable, 4)]
+    return fds

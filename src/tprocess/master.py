@@ -188,6 +188,7 @@ class Master:
             self.force_stop()
 
     def _wait_for_events(self) -> None:
+        self.output.flush()  # what this turn queued for the output process, in one message
         timeout = 0 if self.pending_signals else self.timers.timeout()
         for due in self._helper_deadlines():
             until = max(0.0, due - time.monotonic())
@@ -328,6 +329,7 @@ class Master:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
         for (w, group, spec), pid in zip(prepared[:len(pids)], pids, strict=True):
             self._forked(w, group, spec, pid)
+        self.output.flush()  # the batch's read ends, in one message
         for w, _, spec in prepared[len(pids):]:
             if spec.output is not None:
                 spec.output.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
-import selectors
+import select
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,15 +154,14 @@ class _Stream:
 
 
 class OutputCapture:
-    """The reader of every worker's pipes, driven by the output process's selector."""
+    """The reader of every worker's pipes, on the output process's epoll. It holds the only
+    copy of each read end, so closing one also takes it out of the epoll set."""
 
-    def __init__(self, selector: selectors.BaseSelector,
-                 write: Callable[[str], None] | None = None) -> None:
-        self.selector = selector
+    def __init__(self, poller: select.epoll, write: Callable[[str], None] | None = None) -> None:
+        self.poller = poller
         self.write = write or logs.write_raw
         self.streams: dict[int, _Stream] = {}  # read fd -> stream
         self.by_pid: dict[int, tuple[_Stream, _Stream]] = {}  # live worker -> its streams
-        self._readable = self._on_readable  # one bound method for every pipe's selector key
 
     def watch(self, out_r: int, err_r: int, title: str, pid: int) -> None:
         """Read a new worker's pipes (the read ends of its fd 1 and 2)."""
@@ -170,10 +169,10 @@ class OutputCapture:
         for stream in (out, err):
             os.set_blocking(stream.fd, False)
             self.streams[stream.fd] = stream
-            self.selector.register(stream.fd, selectors.EVENT_READ, self._readable)
+            self.poller.register(stream.fd, select.EPOLLIN)
         self.by_pid[pid] = (out, err)
 
-    def _on_readable(self, fd: int) -> None:
+    def on_readable(self, fd: int) -> None:
         stream = self.streams.get(fd)
         if stream is not None:  # else closed earlier in this turn of the loop
             self._read(stream, 1)
@@ -204,11 +203,7 @@ class OutputCapture:
 
     def _forget(self, stream: _Stream) -> None:
         self.streams.pop(stream.fd, None)
-        try:
-            self.selector.unregister(stream.fd)
-        except (KeyError, ValueError):
-            pass
-        close_fds([stream.fd])
+        close_fds([stream.fd])  # out of the epoll set too: no other copy of it is open
 
     def worker_exited(self, pid: int) -> None:
         """Write what an exited worker left in its pipes, before its exit is logged.
