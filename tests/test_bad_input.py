@@ -572,3 +572,46 @@ def test_config_parser_accepts_valid_and_refuses_the_rest_in_one_line(case, tmp_
 ])
 def test_config_parser_once_buggy_inputs(data, tmp_path):
     _check(data, tmp_path)
+
+
+# --- a task's signature, read without inspect ---------------------------------------------
+
+@st.composite
+def plain_functions(draw):
+    """A def with a random but valid parameter list, in Python's order."""
+    positional = draw(st.lists(st.sampled_from(["p", "q=1"]), max_size=4))
+    if any("=" in p for p in positional):  # no required positional after a default one
+        first_default = next(i for i, p in enumerate(positional) if "=" in p)
+        positional = positional[:first_default] + [f"{p}=1" if "=" not in p else p
+                                                   for p in positional[first_default:]]
+    names = [f"{p.split('=')[0]}{i}" + ("=1" if "=" in p else "") for i, p in enumerate(positional)]
+    star = draw(st.sampled_from(["", "*args", "*"]))
+    keywords = draw(st.lists(st.sampled_from(["k", "k=2"]), min_size=star == "*", max_size=2)) if star else []
+    names += [star] if star else []
+    names += [f"{k.split('=')[0]}{i}" + ("=2" if "=" in k else "") for i, k in enumerate(keywords)]
+    if draw(st.booleans()):
+        names.append("**kw")
+    namespace: dict = {}
+    exec(f"def f({', '.join(names)}): pass", namespace)  # noqa: S102 - a generated signature
+    return namespace["f"]
+
+
+@given(plain_functions(), st.integers(0, 3))
+@settings(max_examples=300, deadline=None)
+def test_a_plain_functions_arity_is_read_as_inspect_reads_it(func, count):
+    """`start` checks that a task takes (ctx) or (ctx, job) from the code object, without
+    importing inspect: it must never accept what inspect.signature(...).bind would refuse,
+    and it accepts every plain function that needs no keyword-only argument."""
+    import inspect
+
+    from tprocess.loader import _plain_function_takes
+
+    try:
+        inspect.signature(func).bind(*[None] * count)
+        binds = True
+    except TypeError:
+        binds = False
+    says = _plain_function_takes(func, count)
+    needs_keyword = any(p.kind is p.KEYWORD_ONLY and p.default is p.empty
+                        for p in inspect.signature(func).parameters.values())
+    assert says == (binds and not needs_keyword), (inspect.signature(func), count)

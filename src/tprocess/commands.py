@@ -33,6 +33,8 @@ REASONS = ("crash", "task_timeout", "setup_timeout", "max_tasks", "max_memory", 
 
 @dataclass
 class StopReport:
+    """The workers a stop saw exit, and those it had to kill (the answer to `stop`)."""
+
     stopped: list[dict[str, Any]] = field(default_factory=list)
     killed: list[dict[str, Any]] = field(default_factory=list)
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 
 @dataclass(eq=False)
 class Roll:
+    """One reload or one scale in progress, and what it did so far (for its answer)."""
+
     kind: str  # "reload" or "scale"
     why: str
     waiter: socket.socket | None

@@ -28,6 +28,8 @@ class StartError(Exception):
 
 @dataclass
 class StartResult:
+    """What a detached start reports back: the master, its workers, its log."""
+
     master_pid: int
     workers: int
     log_file: str | None

@@ -175,6 +175,8 @@ class RateTracker:
 
 @dataclass(frozen=True)
 class ProcStat:
+    """One sample of a process from /proc."""
+
     ticks: int  # utime + stime, in clock ticks
     start: int  # start time since boot, in clock ticks: tells a reused pid apart
     rss: int  # bytes
@@ -221,6 +223,8 @@ class CpuSampler:
 
 @dataclass
 class TopModel:
+    """What `top` shows, from successive status samples."""
+
     name: str
     interval: float
     master_pid: int | None = None

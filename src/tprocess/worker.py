@@ -17,7 +17,6 @@ import signal
 import socket
 import sys
 import time
-import traceback
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -194,6 +193,8 @@ def _serve(spec: WorkerSpec, ctx: Context) -> int:
         except BaseException as exc:  # noqa: BLE001 - user code
             if _is_clean_exit(exc):
                 return EXIT_OK
+            import traceback  # not on the start path: ~2 ms and 0.1 MiB in every worker
+
             text = traceback.format_exc()
             logs.log.error("setup of %s failed:\n%s", spec.title, text.rstrip())
             _report(spec, b"E %d\n" % ctx.pid + text.encode(errors="replace")[-60000:])

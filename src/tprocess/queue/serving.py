@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class JobOptions:
+    """What a queue group's worker needs to consume its queue."""
+
     broker_url: str
     queue: str
     instance: str  # the consumer's name is HOST:INSTANCE:WORKER-TITLE

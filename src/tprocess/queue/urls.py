@@ -12,6 +12,8 @@ from .broker import Broker
 
 @dataclass(frozen=True)
 class BrokerURL:
+    """A broker address, parsed and checked."""
+
     scheme: str  # "sqlite" or "redis"/"rediss"
     url: str  # normalised: sqlite with an absolute path
     path: str | None = None  # sqlite: the database file
