@@ -125,6 +125,7 @@ class OutputProcess:
     def reopen(self, fd: int) -> None:
         """After SIGUSR1: the master's new log descriptor, for the output process to write to."""
         if self.sock is not None:
+            logs.release_held()  # the lines logged before the reopen go to the old file
             self._queue(REOPEN, b"", [os.dup(fd)])
 
     def _queue(self, kind: bytes, body: bytes, fds: list[int] | None = None) -> None:
@@ -138,7 +139,9 @@ class OutputProcess:
         self.pending_fds += fds
 
     def flush(self) -> None:
-        """Send what was queued, in one message (the master's loop calls this before it sleeps)."""
+        """Send what was queued, the master's held lines last, in one message (the master's
+        loop calls this before it sleeps)."""
+        logs.release_held()
         if not self.pending:
             return
         data, fds = bytes(self.pending), self.pending_fds
@@ -218,13 +221,13 @@ class OutputProcess:
         return True
 
     def _forget(self) -> None:
-        logs.hand_lines_to(None, self.ring)
         output.close_fds(self.pending_fds)
         self.pending, self.pending_fds = bytearray(), []
         self._clear_outbox()
         if self.sock is not None:
             self.sock.close()
         self.sock, self.pid, self.kill_at = None, 0, None
+        logs.hand_lines_to(None, self.ring)  # lines held until now: the master writes them
 
     def stop(self) -> bool:
         """At the end of a stop, once the workers are gone: ask it to drain every pipe and
@@ -232,6 +235,7 @@ class OutputProcess:
         if not self.pid:
             return False
         if not self.finishing:
+            logs.release_held()  # the master's lines so far go before the finish
             self._queue(FINISH, b"")
             self.flush()
             self.finishing = True  # after the message: the lines before it go through it

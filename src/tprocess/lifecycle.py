@@ -168,13 +168,14 @@ def backoff_delay(failures: int, cap: float) -> float:
     return min(cap, BACKOFF_BASE * 2 ** (failures - 2))
 
 
+_SIGNAL_NAMES = {sig.value: sig.name for sig in signal.Signals}  # no enum lookup at each exit
+
+
 def describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        try:
-            return f"was killed by {signal.Signals(sig).name}"
-        except ValueError:
-            return f"was killed by signal {sig}"
+        name = _SIGNAL_NAMES.get(sig)
+        return f"was killed by {name}" if name else f"was killed by signal {sig}"
     return f"exited with code {os.WEXITSTATUS(status)}"
 
 

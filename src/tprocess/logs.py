@@ -23,12 +23,21 @@ _title = "tprocess"
 _recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top` (without a ring)
 _tail: Ring | None = None  # the log's last bytes, shared with the output process (collector.py)
 _send: Callable[[str], bool] | None = None  # the output process, while it takes the master's lines
+_held: list[tuple[float, str, str]] | None = None  # (time, level, text) logged since the last release
 
 
-def timestamp() -> str:
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
+def timestamp(now: float | None = None) -> str:
     """The time at the head of every log line: `2026-11-29 06:15:42,050` (local time)."""
-    now = time.time()
-    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))},{int(now % 1 * 1000):03d}"
+    global _second
+    if now is None:
+        now = time.time()
+    second = int(now)
+    if _second[0] != second:  # strftime once a second, not once a line
+        _second = (second, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+    return f"{_second[1]},{int(now % 1 * 1000):03d}"
 
 
 def prefixed(head: str, lines: list[str]) -> str:
@@ -36,9 +45,9 @@ def prefixed(head: str, lines: list[str]) -> str:
     return "".join(head + line + "\n" for line in lines)
 
 
-def _master_line(level: str, text: str) -> str:
+def _master_line(level: str, text: str, when: float | None = None) -> str:
     """`2026-11-29 06:15:42,050 title[pid] LEVEL text`, one prefix per line of text."""
-    return prefixed(f"{timestamp()} {_title}[{os.getpid()}] {level} ", text.split("\n"))
+    return prefixed(f"{timestamp(when)} {_title}[{os.getpid()}] {level} ", text.split("\n"))
 
 
 class Logger:
@@ -92,6 +101,9 @@ class Logger:
         if self.framed:
             write_fd(self.fd, prefixed(f"{RECORD_MARK}{level} ", text.split("\n")))
             return
+        if _held is not None:  # the master, with an output process: formatted before it sleeps
+            _held.append((time.time(), level, text))
+            return
         _emit(_master_line(level, text))
 
 
@@ -133,9 +145,23 @@ def _emit(text: str) -> None:
 
 
 def hand_lines_to(send: Callable[[str], bool] | None, tail: Ring | None) -> None:
-    """Let send (the output process) write the master's lines; keep the log's end in tail."""
-    global _send, _tail
+    """Let send (the output process) write the master's lines; keep the log's end in tail.
+    While it does, the master's lines are held and formatted at release_held(), when the
+    master is about to sleep: a worker's exit line is then written after its replacement
+    was forked, not before (issue 8: respawn), in the same order and with the time it was logged."""
+    global _send, _tail, _held
+    release_held()
     _send, _tail = send, tail
+    _held = [] if send is not None else None
+
+
+def release_held() -> None:
+    """Format and hand on the master's lines held since the last call."""
+    global _held
+    if not _held:
+        return
+    records, _held = _held, []
+    _emit("".join(_master_line(level, text, when) for when, level, text in records))
 
 
 def recent_lines(count: int) -> list[str]:

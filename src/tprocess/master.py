@@ -18,6 +18,7 @@ from __future__ import annotations
 import _signal
 import gc
 import os
+import select
 import selectors
 import signal
 import socket
@@ -128,6 +129,8 @@ class Master:
                                       self.timers.call_later)
 
     def _install_signals(self) -> None:
+        self._handlers: dict[int, Callable[[], None]] = {  # by number: no enum at each signal
+            sig: getattr(self, f"handle_{signal.Signals(sig).name.lower()}") for sig in HANDLED_SIGNALS}
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, self._record_signal)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -215,8 +218,11 @@ class Master:
             self.aux.run_due(now, self.stopping)
 
     def _on_wake(self, fd: int) -> None:
+        """Empty the wake-up pipe (a byte per signal). A short read means empty: no read that
+        raises BlockingIOError, whose raise after a fork copies pages of the exception
+        machinery (issue 8: on the respawn path)."""
         try:
-            while os.read(fd, 4096):
+            while len(os.read(fd, 4096)) == 4096:
                 pass
         except BlockingIOError:
             pass
@@ -231,14 +237,18 @@ class Master:
                 if reaped:
                     continue
                 reaped = True
-            handler: Callable[[], None] = getattr(self, f"handle_{signal.Signals(signum).name.lower()}")
-            handler()
+            self._handlers[signum]()
 
     # --- signals ---------------------------------------------------------------------
 
     def handle_sigchld(self) -> None:
-        self.startup.on_ready_pipe(self.ready_r)  # read what a dying worker said before its exit
-        self.startup.on_report(self.report_r)
+        # what a dying worker said before its exit is read first; select tells which has
+        # something, so that an empty one raises no BlockingIOError (issue 8: respawn path)
+        readable, _, _ = select.select([self.ready_r, self.report_r], [], [], 0)
+        if self.ready_r in readable:
+            self.startup.on_ready_pipe(self.ready_r)
+        if self.report_r in readable:
+            self.startup.on_report(self.report_r)
         self.reap_children()
 
     def handle_sigterm(self) -> None:
