@@ -623,11 +623,12 @@ def write_report(h, args, total_s, plot_path):
         "- **stop busy**: workers run 2 s tasks that must not be cut (uninterruptible sleep); "
         "the stop is issued 1 s after the last worker began its first task. Tasks cut = start "
         "records without an end record among the pool's pids.",
-        f"- **respawn**: SIGKILL a worker whose parent is the master, time until a new pid "
+        f"- **respawn**: SIGKILL a worker (a child of the master that has run a task), time until a new pid "
         f"writes a start record; {h.cfg['kills']} kills at random 0.1-0.4 s gaps, split across "
         f"the N={RES_N} runs.",
         f"- **master CPU**: utime+stime of the master over {h.cfg['cpu_s']:.0f} s of idle pool, "
-        "as % of one core. RSS: master VmRSS. PSS: sum of workers' smaps_rollup Pss.",
+        "as % of one core. RSS: master VmRSS. PSS: sum of smaps_rollup Pss of the master's "
+        "children (its workers; for tprocess also its output process, `NAME-output`).",
         "- **zombies**: state Z children of the master, sampled every 20 ms during the kills "
         "(max) and 1 s after the last respawn.",
         "- **empty-task loop**: one worker runs a task that only counts calls; after 1000 "

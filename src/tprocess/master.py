@@ -51,6 +51,15 @@ SPAWN_BATCH = 32  # workers forked back to back (their pipes are open at once: 4
 INTERNAL_ERROR_LIMIT, INTERNAL_ERROR_WINDOW = 20, 10.0  # internal errors in that many seconds: stop
 
 
+def _reap_one() -> tuple[int, int] | None:
+    """(pid, wait status) of one exited child, or None if none is left to reap now."""
+    try:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return (pid, status) if pid else None
+
+
 def release_free_memory() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim). Every resident
     page of the master is a page-table entry that each fork copies and each worker's exit
@@ -376,33 +385,36 @@ class Master:
     def reap_children(self) -> None:
         """The one place that reaps: every exited child, since signals coalesce.
 
-        Exits are collected first and handled after, so that workers which die at
-        once cannot keep this loop (and the loop's other duties) going forever.
+        The first exit is handled as soon as it is reaped, so its replacement is forked
+        before the look for more: a `waitpid` that finds nothing walks every child in the
+        kernel (~0.1 ms at 2,000 workers, issue 8). The others are collected first and
+        handled after, so that workers which die at once cannot keep this loop (and the
+        loop's other duties) going forever.
         """
+        first = _reap_one()
+        if first is None:
+            return
+        self._handle_exit(*first)
         exited = []
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
-            exited.append((pid, status))
+        while (more := _reap_one()) is not None:
+            exited.append(more)
         for pid, status in exited:
-            if self.aux is not None and self.aux.reaped(pid, status, self.stopping):
-                continue
-            if self.output.reaped(pid, status):
-                self._output_process_ended()
-                continue
-            w = self.pool.by_pid.pop(pid, None)
-            if w is None:
-                self.leftovers.reaped(pid, status)
-            else:
-                self.life.on_exit(w, status)
-        if exited:
-            # a worker's exit may leave its own children to us: look a little later,
-            # off the respawn path (reading /proc competes with the new worker)
-            self.leftovers.sweep_soon()
+            self._handle_exit(pid, status)
+        # a worker's exit may leave its own children to us: look a little later,
+        # off the respawn path (reading /proc competes with the new worker)
+        self.leftovers.sweep_soon()
+
+    def _handle_exit(self, pid: int, status: int) -> None:
+        if self.aux is not None and self.aux.reaped(pid, status, self.stopping):
+            return
+        if self.output.reaped(pid, status):
+            self._output_process_ended()
+            return
+        w = self.pool.by_pid.pop(pid, None)
+        if w is None:
+            self.leftovers.reaped(pid, status)
+        else:
+            self.life.on_exit(w, status)
 
     def _output_process_ended(self) -> None:
         """Unless at the end of a stop: start another and replace the workers it read for,
