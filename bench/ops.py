@@ -123,6 +123,10 @@ class Instance:
         except OSError:
             return []
 
+    def workers(self) -> list[int]:
+        """The master's children less its output process (`NAME-output`, a child too)."""
+        return [pid for pid in self.children() if title_of(pid) != f"{self.name}-output"]
+
     def remember_children(self) -> None:
         for pid in self.children():
             stat = read_stat(pid)
@@ -442,7 +446,7 @@ GROUP = "w"
 class RollSample:
     at: float
     titled: int  # live children titled NAME-w-I
-    total: int  # every live child but the metrics process (a just-forked one is still titled as the master)
+    total: int  # every live child but the metrics and output processes (a fresh fork: titled as the master)
     ready: int | None = None  # workers of the group past setup (idle or busy) in `status`
 
 
@@ -454,7 +458,7 @@ def sample_children(inst: Instance) -> RollSample:
         if stat is None or stat[0] in "ZX":
             continue
         title = title_of(pid)
-        if title == f"{inst.name}-metrics":
+        if title in (f"{inst.name}-metrics", f"{inst.name}-output"):  # not workers
             continue
         total += 1
         titled += title.startswith(prefix)
@@ -592,8 +596,8 @@ def idle_master(lab: Lab, keys: dict[str, Any], workers: int, window: float) -> 
         v1, n1 = switches(inst.master)
         t1 = cpu_ticks(inst.master)
         took = time.monotonic() - began
-        if len(inst.children()) != workers:
-            raise BenchError(f"{len(inst.children())} workers after the idle window, not {workers}")
+        if len(inst.workers()) != workers:
+            raise BenchError(f"{len(inst.workers())} workers after the idle window, not {workers}")
     return IdleResult(v1 - v0, n1 - n0, (t1 or 0) - (t0 or 0), took, None if v_mid is None else v1 - v_mid)
 
 
