@@ -2,8 +2,8 @@
 
 Why (issue 8): the master used to hold the read ends of every worker's two output pipes.
 Every fork copied them and every new worker closed them again, so at 2,000 workers a
-respawn copied and closed 4,000 descriptors (9.8 ms, against 3.4 ms for the same master
-without them) and a start of 2,000 did so 2,000 times.
+respawn copied and closed 4,000 descriptors (9.6-12.6 ms, against 3.4-4.6 ms for the same
+master without them) and a start of 2,000 did so 2,000 times.
 
 How: the master still makes a worker's pipes before its fork (output.Pipes); right after
 the fork it sends their read ends here (SCM_RIGHTS on a SOCK_SEQPACKET socket) and closes
