@@ -1,9 +1,10 @@
 """The master's own descriptors, kept as runs of consecutive numbers.
 
-A master with 2,000 workers holds 4,000+ descriptors (two pipe read ends per
-worker) that every newly forked worker must close. Walking them per fork would make
-each fork O(N) in the master, and walking the master's objects in the child would
-copy their pages into every worker. Instead the master's selector keeps its
+Every newly forked worker must close the master's descriptors (its selector's: the
+control socket and connections, the wake-up, ready and report channels, the socket to
+the output process). The workers' own pipes are read by the output process
+(collector.py), so they are few; still, walking the master's objects in the child
+would copy their pages into every worker. So the master's selector keeps its
 descriptors as sorted runs `[lo, hi)`, updated in O(log R) per register/unregister
 (R runs: few, since the kernel hands out the lowest free numbers), and the child
 closes each run with one close_range(2) call.

@@ -441,7 +441,8 @@ def _ignore_signal(signum: int, frame: Any) -> None:
 
 def _close_fds(runs: Iterable[tuple[int, int]]) -> None:
     """Close the master's descriptors, given as runs [lo, hi) of consecutive numbers
-    (one close_range call per run): a master holds two pipe ends per worker."""
+    (one close_range call per run): its own, and the pipes of the other workers of the
+    spawn batch (the master holds those only until the batch is forked)."""
     for lo, hi in runs:
         os.closerange(lo, hi)
 
