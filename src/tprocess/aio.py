@@ -98,9 +98,9 @@ class Runner:
         """Subclasses: interrupt what waits (a fetch)."""
 
     def _on_wake(self) -> None:
-        from .worker import _drain
+        from .worker import drain_pipe
 
-        _drain(self.ctx._wake_fd)
+        drain_pipe(self.ctx._wake_fd)
         if self.ctx.stopping:
             self.stop()
 

@@ -71,6 +71,7 @@ class OutputProcess:
         self.finishing = False
         self.kill_at: float | None = None
         self.ring = logs.Ring()
+        logs.keep_tail_in(self.ring)  # from now on `top` reads the log's tail there
 
     @property
     def running(self) -> bool:
@@ -98,7 +99,7 @@ class OutputProcess:
         own_end.close()
         master_end.setblocking(False)
         self.sock, self.pid, self.finishing, self.kill_at = master_end, pid, False, None
-        logs.hand_lines_to(self.send_lines, self.ring)
+        logs.hand_lines_to(self.send_lines)
         log.info("started %s (pid %d)", self.title, pid)
         return True
 
@@ -172,7 +173,7 @@ class OutputProcess:
     def _send_now(self, data: bytes, fds: list[int]) -> None:
         assert self.sock is not None
         if fds:
-            self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _fd_array(fds))])
+            socket.send_fds(self.sock, [data], fds)
             output.close_fds(fds)
         else:
             self.sock.send(data)
@@ -227,7 +228,7 @@ class OutputProcess:
         if self.sock is not None:
             self.sock.close()
         self.sock, self.pid, self.kill_at = None, 0, None
-        logs.hand_lines_to(None, self.ring)  # lines held until now: the master writes them
+        logs.hand_lines_to(None)  # lines held until now: the master writes them
 
     def stop(self) -> bool:
         """At the end of a stop, once the workers are gone: ask it to drain every pipe and
@@ -240,7 +241,7 @@ class OutputProcess:
             self.flush()
             self.finishing = True  # after the message: the lines before it go through it
             self.kill_at = time.monotonic() + STOP_GRACE
-            logs.hand_lines_to(None, self.ring)
+            logs.hand_lines_to(None)
         return True
 
     def next_due(self) -> float | None:
@@ -254,10 +255,6 @@ class OutputProcess:
             from .lifecycle import signal_child
 
             signal_child(self.pid, _signal.SIGKILL)
-
-
-def _fd_array(fds: list[int]) -> bytes:
-    return b"".join(fd.to_bytes(4, "little", signed=True) for fd in fds)
 
 
 # --- the output process -------------------------------------------------------------------------
@@ -276,7 +273,7 @@ def _become_output_process(title: str, sock: socket.socket, keep_fd: int, blocke
         _signal.pthread_sigmask(_signal.SIG_SETMASK, ())
         proctitle.setproctitle(title)
         logs.set_title(title)
-        logs.hand_lines_to(None, None)
+        logs.hand_lines_to(None)
         _Server(sock, ring).run()
         code = 0
     except BaseException:  # noqa: BLE001 - never return into the master's code
@@ -326,12 +323,11 @@ class _Server:
     def _on_messages(self) -> None:
         for _ in range(MESSAGES_PER_TURN):
             try:
-                data, ancillary, _, _ = self.sock.recvmsg(MESSAGE_MAX, socket.CMSG_SPACE(FDS_MAX * 4))
+                data, fds, _, _ = socket.recv_fds(self.sock, MESSAGE_MAX, FDS_MAX)
             except BlockingIOError:
                 return
             except OSError:
-                data, ancillary = b"", []
-            fds = _received_fds(ancillary)
+                data, fds = b"", []
             if not data:  # the master is gone: serve its workers' pipes until they are too
                 output.close_fds(fds)
                 self.master_gone = True
@@ -373,12 +369,3 @@ class _Server:
             except (ProcessLookupError, PermissionError):  # gone, or a reused pid of someone else's
                 continue
         return False
-
-
-def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(data) - len(data) % 4
-            fds += [int.from_bytes(data[i:i + 4], "little", signed=True) for i in range(0, usable, 4)]
-    return fds

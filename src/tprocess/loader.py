@@ -20,6 +20,8 @@ TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotatio
 if TYPE_CHECKING:
     from typing import Any
 
+CO_VARARGS = 0x04  # a code object's flag for *args
+
 _file_modules: dict[str, ModuleType] = {}  # real path -> module
 _user_modules: set[str] = set()  # modules of the user's own code, imported by resolve_config
 
@@ -223,9 +225,6 @@ def _plain_function_takes(func: Callable[..., Any], count: int) -> bool:
     fewest = code.co_argcount - len(func.__defaults__ or ())
     most = code.co_argcount if not code.co_flags & CO_VARARGS else count
     return fewest <= count <= most
-
-
-CO_VARARGS = 0x04  # the code object's flag for *args
 
 
 def _adapt(func: Callable[..., Any], where: str) -> Callable[..., Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -20,7 +19,6 @@ LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40, "CRITICAL": 50}
 _NAMES = {number: name for name, number in LEVELS.items()}
 
 _title = "tprocess"
-_recent: deque[str] = deque(maxlen=1000)  # the master's last lines, for `top` (without a ring)
 _tail: Ring | None = None  # the log's last bytes, shared with the output process (collector.py)
 _send: Callable[[str], bool] | None = None  # the output process, while it takes the master's lines
 _held: list[tuple[float, str, str]] | None = None  # (time, level, text) logged since the last release
@@ -139,19 +137,23 @@ def _emit(text: str) -> None:
         return
     if _tail is not None:
         _tail.write(text)
-    else:
-        _recent.extend(text.splitlines())
     write_fd(log.fd, text)
 
 
-def hand_lines_to(send: Callable[[str], bool] | None, tail: Ring | None) -> None:
-    """Let send (the output process) write the master's lines; keep the log's end in tail.
+def keep_tail_in(tail: Ring) -> None:
+    """Keep the log's last lines in tail (the master's, for `top`), whoever writes them."""
+    global _tail
+    _tail = tail
+
+
+def hand_lines_to(send: Callable[[str], bool] | None) -> None:
+    """Let send (the output process) write the master's lines, or None: write them here.
     While it does, the master's lines are held and formatted at release_held(), when the
     master is about to sleep: a worker's exit line is then written after its replacement
     was forked, not before (issue 8: respawn), in the same order and with the time it was logged."""
-    global _send, _tail, _held
+    global _send, _held
     release_held()
-    _send, _tail = send, tail
+    _send = send
     _held = [] if send is not None else None
 
 
@@ -165,10 +167,8 @@ def release_held() -> None:
 
 
 def recent_lines(count: int) -> list[str]:
-    """The last lines of the log (the workers' too, once an output process writes them)."""
-    if _tail is not None:
-        return _tail.lines(count)
-    return list(_recent)[-count:]
+    """The last lines of the log, the workers' included (none before a master keeps them)."""
+    return _tail.lines(count) if _tail is not None else []
 
 
 class Ring:
@@ -245,11 +245,6 @@ def frame_for_master(fd: int = 2) -> None:
     """In a worker: log records go to fd 2 as framed lines the master prefixes."""
     log.fd = fd
     log.framed = True
-
-
-def write_raw(text: str) -> None:
-    """Write lines already in the log's format (workers' output) where the log goes."""
-    _emit(text)
 
 
 def reopen_log_file(path: str) -> list[int]:

@@ -227,14 +227,7 @@ class Master:
             self.aux.run_due(now, self.stopping)
 
     def _on_wake(self, fd: int) -> None:
-        """Empty the wake-up pipe (a byte per signal). A short read means empty: no read that
-        raises BlockingIOError, whose raise after a fork copies pages of the exception
-        machinery (issue 8: on the respawn path)."""
-        try:
-            while len(os.read(fd, 4096)) == 4096:
-                pass
-        except BlockingIOError:
-            pass
+        worker.drain_pipe(fd)  # the same wake-up pipe drain as a worker's: no raise when empty
 
     def _dispatch_signals(self) -> None:
         """Handle what arrived since the last turn, SIGCHLD once: one reap covers them all,

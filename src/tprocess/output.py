@@ -157,9 +157,9 @@ class OutputCapture:
     """The reader of every worker's pipes, on the output process's epoll. It holds the only
     copy of each read end, so closing one also takes it out of the epoll set."""
 
-    def __init__(self, poller: select.epoll, write: Callable[[str], None] | None = None) -> None:
+    def __init__(self, poller: select.epoll, write: Callable[[str], None]) -> None:
         self.poller = poller
-        self.write = write or logs.write_raw
+        self.write = write
         self.streams: dict[int, _Stream] = {}  # read fd -> stream
         self.by_pid: dict[int, tuple[_Stream, _Stream]] = {}  # live worker -> its streams
 

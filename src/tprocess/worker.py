@@ -90,7 +90,7 @@ class Context:
                 if remaining <= 0:
                     return True
                 if self._poll.poll(math.ceil(remaining * 1000)):
-                    _drain(self._wake_fd)
+                    drain_pipe(self._wake_fd)
                     if self.stopping:
                         return False
         finally:
@@ -447,10 +447,11 @@ def _close_fds(runs: Iterable[tuple[int, int]]) -> None:
         os.closerange(lo, hi)
 
 
-def _drain(fd: int) -> None:
-    """Empty the wake-up pipe (a byte per signal). A short read means empty: no read that
-    raises BlockingIOError, whose first raise in a worker copies ~14 of the master's pages
-    (the exception machinery), at every stop of every worker (issue 8)."""
+def drain_pipe(fd: int) -> None:
+    """Empty a wake-up pipe (a byte per signal; the master's and each worker's). A short read
+    means empty: no read that raises BlockingIOError, whose first raise after a fork copies
+    ~14 of the master's pages (the exception machinery): at every stop of every worker, and
+    on the master's respawn path (issue 8)."""
     try:
         while len(os.read(fd, 512)) == 512:
             pass
