@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -22,16 +23,19 @@ from helpers import instance_procs, wait_for
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from tprocess.checks import is_name
 from tprocess.config import (
     GROUP_KEYS,
     MAX_WORKERS,
-    NAME_RE,
     TOP_KEYS,
     Config,
     ConfigError,
     from_mapping,
     validate,
 )
+
+# what a valid instance name is (checks.is_name reads it without `re`)
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*")
 
 JOBS = '''
 def work(ctx):
@@ -204,6 +208,19 @@ def test_bad_name_gives_one_clear_line(inst, command, name):
         result = inst.run(command, "--name", name)
     assert_one_error_line(result, "name", repr(name)[:20])
     assert not instance_procs(name) and not instance_procs(inst.name)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.from_regex(NAME_RE, fullmatch=True), st.text(alphabet="aZ09_.-\n é/", max_size=12),
+                 st.text()))
+@example("a-b.c_d")
+@example("a--b")
+@example("a-")
+@example("a\n")
+@example("")
+def test_names_are_read_as_the_pattern_says(text):
+    """checks.is_name (no `re`: it is on the path of every stop) accepts exactly the pattern's names."""
+    assert is_name(text) == bool(NAME_RE.fullmatch(text))
 
 
 def test_empty_name_is_an_error_not_the_default_instance(inst):
@@ -549,7 +566,7 @@ def _check(data: dict, base: Path, must_pass: bool = False) -> None:
         return
     assert isinstance(config, Config)
     assert validate(config) is config
-    assert NAME_RE.fullmatch(config.name) and len(config.name) <= 48
+    assert is_name(config.name) and NAME_RE.fullmatch(config.name) and len(config.name) <= 48
     assert config.groups and 1 <= config.total_workers() <= MAX_WORKERS
     assert len({g.name for g in config.groups}) == len(config.groups)
     for value in (config.graceful_timeout, config.min_uptime, config.backoff_max):

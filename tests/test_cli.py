@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 from chaos_support import assert_one_error_line
 from helpers import TPROCESS, instance_procs, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tprocess import control, logtail
+from tprocess import cli, control, logtail
 
 # --- a socket in the master's place ---------------------------------------------------------
 
@@ -150,8 +152,68 @@ def test_fast_commands_import_nothing_heavy(inst, args):
             "print(' '.join(sorted(sys.modules)), file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     loaded = set(result.stderr.split())
-    assert "tprocess.cli" in loaded and "argparse" in loaded, result.stderr
+    assert "tprocess.cli" in loaded, result.stderr
+    assert ("argparse" in loaded) == (args[0] not in cli.PLAIN_FORMS), result.stderr
     assert not loaded & FORBIDDEN_ON_THE_FAST_PATH, sorted(loaded & FORBIDDEN_ON_THE_FAST_PATH)
+
+
+NOT_BEFORE_THE_REQUEST = {"argparse", "re", "enum", "socket", "selectors", "json", "struct"}
+
+
+@pytest.mark.parametrize("args", [["stop"], ["stop", "--timeout", "20"], ["status"], ["status", "--json"]])
+def test_stop_and_status_send_their_request_before_any_heavy_import(inst, args):
+    """The request reaches the master after a bare interpreter's start-up and tprocess's own
+    small modules; argparse, re, enum, socket.py and json (~12 ms together) would come first
+    otherwise (issue 8: a `stop` is its command's start-up plus the pool's)."""
+    inst.write("jobs.py", "def work(ctx):\n    ctx.sleep(60)\n")
+    inst.start("jobs.py:work", "-n", "1")
+    argv = [args[0], "--name", inst.name, *args[1:]]
+    code = ("import sys\nfrom tprocess import cli, control\n"
+            "send = control.send\n"
+            "def spy(sock, message):\n"
+            "    print('loaded:', ' '.join(sorted(sys.modules)), file=sys.stderr)\n"
+            "    send(sock, message)\n"
+            "control.send = spy\n"
+            f"sys.exit(cli.run({argv!r}))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stderr.split("loaded:", 1)[1].split())
+    assert "tprocess.control" in loaded and not loaded & NOT_BEFORE_THE_REQUEST, \
+        sorted(loaded & NOT_BEFORE_THE_REQUEST)
+    if args[0] == "stop":
+        assert "stopped" in result.stdout and wait_for(lambda: not instance_procs(inst.name), timeout=30)
+    else:
+        assert inst.name in result.stdout
+
+
+@pytest.mark.parametrize("argv", [["stop"], ["stop", "--name", "a"], ["stop", "--name=a", "--timeout", "5"],
+                                  ["stop", "-c", "f.toml"], ["status", "--json"],
+                                  ["status", "--name", "a", "--json"]])
+def test_the_forms_scripts_run_are_plain(argv):
+    assert cli.plain_arguments(argv) is not None
+
+
+PLAIN_WORDS = ["--name", "--name=a", "a", "b.c", "--timeout", "--timeout=2", "2.5", "-1", "nan", "1_0",
+               " 3", "--json", "--json=1", "-c", "--config", "--config=f.toml", "-cf.toml", "-c=f",
+               "--", "-h", "--help", "--nam", "--time", "", "=", "--name=", "-n", "x y"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(["stop", "status"]), st.lists(st.sampled_from(PLAIN_WORDS), max_size=5))
+def test_plain_forms_read_as_argparse_reads_them(command, words):
+    """cli.plain_arguments reads stop's and status's plain forms without argparse: where it
+    answers, argparse gives the same arguments; anything argparse refuses or answers with
+    help goes to argparse."""
+    from tprocess.arguments import parse
+
+    plain = cli.plain_arguments([command, *words])
+    try:
+        expected = vars(parse([command, *words]))
+    except (cli.UserError, SystemExit):  # a mistake, or --help
+        assert plain is None
+        return
+    if plain is not None:  # repr: a --timeout of nan is read alike, though nan != nan
+        assert {k: repr(v) for k, v in vars(plain).items()} == {k: repr(v) for k, v in expected.items()}
 
 
 # inspect's own imports (dataclasses imports inspect, which stands in sys.modules until used)

@@ -11,6 +11,8 @@ import time
 import pytest
 from e2e_support import status_json
 from helpers import pids, wait_for
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from tprocess import control
 
@@ -100,3 +102,21 @@ def _closed(sock: socket.socket) -> bool:
         return False
     except OSError:
         return True
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), json_values, max_size=4))
+@example({"cmd": "stop", "timeout": None})
+@example({"cmd": "stop", "timeout": 1e-07})
+def test_requests_are_json_whoever_writes_them(message):
+    """control.encode writes plain requests itself (no json import on a stop's path) and
+    hands anything else to json: either way one line that json reads back as sent."""
+    line = control.encode(message)
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert json.loads(line) == message

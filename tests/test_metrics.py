@@ -143,8 +143,9 @@ def test_durations_and_restarts_by_reason_come_from_the_real_master(inst):
     fast = value(samples, "tprocess_task_duration_seconds_bucket", le="0.005", **labels)
     slow = value(samples, "tprocess_task_duration_seconds_bucket", le="0.001", **labels)
     assert count and count >= 1000 and fast and fast >= 0.9 * count and slow is not None and slow < fast
-    # counters survive the recycling: the recycled workers' tasks are still counted
-    assert value(samples, "tprocess_tasks_total", **labels) >= count
+    # counters survive the recycling: the recycled workers' tasks are still counted (less the
+    # one task per running worker that may end between the reading of the two counters)
+    assert value(samples, "tprocess_tasks_total", **labels) >= count - 2
     assert inst.stop().returncode == 0
 
 

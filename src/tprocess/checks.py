@@ -7,13 +7,14 @@ config.py re-exports every name here.
 
 from __future__ import annotations
 
-import re
-
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.]*(?:-[A-Za-z0-9_.]+)*")
+# a name: letters, digits, '_' and '.', with single '-' between them; read with set and str
+# methods, not a regular expression: `re` (with `enum`) is ~6 ms of each `stop`
+NAME_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+NAME_CHARS = NAME_FIRST | frozenset("_.-")
 MAX_NAME_LEN = 48
 MAX_TIMEOUT = 7 * 24 * 3600.0
 DEFAULT_NAME = "tprocess"
@@ -35,12 +36,17 @@ def check_name(name: Any, where: str = "name") -> str:
         raise ConfigError(
             f"{where}: {_show(name)} is {len(name)} characters; at most {MAX_NAME_LEN} allowed"
         )
-    if not NAME_RE.fullmatch(name):
+    if not is_name(name):
         raise ConfigError(
             f"{where}: {_show(name)} is not a valid name; use letters, digits, '_', '.' and "
             "single '-' between them (no spaces, slashes or control characters)"
         )
     return name
+
+
+def is_name(text: str) -> bool:
+    return (text[:1] in NAME_FIRST and NAME_CHARS.issuperset(text)
+            and "--" not in text and not text.endswith("-"))
 
 
 def check_seconds(value: Any, where: str, allow_zero: bool = True) -> float:

@@ -16,11 +16,11 @@ from .checks import (  # noqa: F401
     DEFAULT_NAME,
     MAX_NAME_LEN,
     MAX_TIMEOUT,
-    NAME_RE,
     ConfigError,
     _show,
     check_name,
     check_seconds,
+    is_name,
 )
 
 TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotations only

@@ -403,11 +403,15 @@ class Master:
         if self.output.reaped(pid, status):
             self._output_process_ended()
             return
-        w = self.pool.by_pid.pop(pid, None)
+        w = self.pool.by_pid.get(pid)
         if w is None:
             self.leftovers.reaped(pid, status)
-        else:
-            self.life.on_exit(w, status)
+            return
+        if not w.ready:  # what it reported before its exit is there by now: read it first (it
+            self.startup.on_ready_pipe(self.ready_r)  # may have exited after handle_sigchld read)
+            self.startup.on_report(self.report_r)
+        del self.pool.by_pid[pid]
+        self.life.on_exit(w, status)
 
     def _output_process_ended(self) -> None:
         """Unless at the end of a stop: start another and replace the workers it read for,

@@ -83,6 +83,8 @@ class Startup:
         if self.done or self.awaiting:
             return
         self.done = True
+        if self.error is not None:  # a group failed in setup: the stop's end (finish) says so
+            return
         failed = sum(1 for w in m.pool.all_workers() if w.phase is Phase.FAILED)
         total = sum(1 for _ in m.pool.all_workers())
         log.info("%d of %d workers are running", total - failed, total)
