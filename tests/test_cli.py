@@ -135,6 +135,9 @@ def test_help_and_version_exit_0():
         assert result.stderr == ""
     version = subprocess.run([TPROCESS, "--version"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0 and version.stdout.startswith("tprocess, version ")
+    # `--version` alone is answered before argparse; argparse's answer is the same line
+    twice = subprocess.run([TPROCESS, "--version", "--version"], capture_output=True, text=True, timeout=30)
+    assert twice.returncode == 0 and twice.stdout == version.stdout
 
 
 FORBIDDEN_ON_THE_FAST_PATH = {  # inspect stands in sys.modules until used: its ast and dis tell

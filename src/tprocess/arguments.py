@@ -11,9 +11,8 @@ import argparse
 import os
 import sys
 
-from . import __version__
 from .checks import DEFAULT_NAME
-from .cli import COMMANDS, EXIT_USAGE, LOG_LEVELS, UserError
+from .cli import COMMANDS, EXIT_USAGE, LOG_LEVELS, VERSION, UserError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -83,7 +82,7 @@ def build_parser() -> Parser:
     """The whole command line, for --help, --version and unknown commands."""
     parser = Parser(prog="tprocess", allow_abbrev=False, formatter_class=Formatter,
                     description="Keep N named Python worker processes alive under one master.")
-    parser.add_argument("--version", action="version", version=f"tprocess, version {__version__}")
+    parser.add_argument("--version", action="version", version=VERSION)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     for name, (summary, _) in COMMANDS.items():
         sub = commands.add_parser(name, help=summary, description=summary, allow_abbrev=False,

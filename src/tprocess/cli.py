@@ -16,7 +16,7 @@ import os
 import sys
 import types
 
-from . import control
+from . import __version__, control
 from .checks import DEFAULT_NAME, ConfigError, check_name, check_seconds
 
 TYPE_CHECKING = False
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from .config import Config
 
+VERSION = f"tprocess, version {__version__}"
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_RUNNING = 1, 2, 3
 EXIT_INTERRUPTED = 130
 STOP_MARGIN = 30.0  # extra seconds stop waits for a master beyond the graceful timeout
@@ -77,6 +78,9 @@ def run(argv: list[str]) -> int:
     """Parse argv and run the command; return its exit code (UserError on a mistake)."""
     if not argv:
         raise UserError(f"missing command: one of {', '.join(COMMANDS)} (see tprocess --help)")
+    if argv == ["--version"]:  # argparse would build every command's parser (~30 ms) to print it
+        print(VERSION)
+        return 0
     args = plain_arguments(argv)
     if args is None:
         from .arguments import parse
