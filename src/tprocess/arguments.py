@@ -33,7 +33,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(argv)  # --help, --version or an unknown command
 
 
-
 class Parser(argparse.ArgumentParser):
     """argparse, with a usage mistake reported as one `tprocess: error:` line (exit 2)."""
 
