@@ -185,8 +185,6 @@ def trusted(sock: socket.socket) -> bool:
 
 # --- the master's end ---------------------------------------------------------------
 
-_EVENT_READ = 1  # selectors.EVENT_READ: the master imports selectors, a client need not
-
 
 class Server:
     """Serves requests from the master's selector without ever blocking its loop.
@@ -202,7 +200,10 @@ class Server:
         self.call_later = call_later
         self.pending: dict[socket.socket, bytes] = {}  # requests still arriving, oldest first
         self.expiry: dict[socket.socket, Any] = {}  # their time-outs, cancelled once answered
-        selector.register(listener, _EVENT_READ, self._on_accept)
+        from selectors import EVENT_READ  # here: only the master serves, and a client need not import it
+
+        self.readable = EVENT_READ
+        selector.register(listener, EVENT_READ, self._on_accept)
 
     def _on_accept(self, listener: socket.socket) -> None:
         try:
@@ -216,7 +217,7 @@ class Server:
             self._drop(next(iter(self.pending)))
         conn.setblocking(False)
         self.pending[conn] = b""
-        self.selector.register(conn, _EVENT_READ, self._on_readable)
+        self.selector.register(conn, self.readable, self._on_readable)
         self.expiry[conn] = self.call_later(REQUEST_TIMEOUT, self._expire, conn)
 
     def _expire(self, conn: socket.socket) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import _signal
 import gc
 import os
-import select
 import selectors
 import signal
 import socket
@@ -244,14 +243,7 @@ class Master:
     # --- signals ---------------------------------------------------------------------
 
     def handle_sigchld(self) -> None:
-        # what a dying worker said before its exit is read first; select tells which has
-        # something, so that an empty one raises no BlockingIOError (issue 8: respawn path)
-        readable, _, _ = select.select([self.ready_r, self.report_r], [], [], 0)
-        if self.ready_r in readable:
-            self.startup.on_ready_pipe(self.ready_r)
-        if self.report_r in readable:
-            self.startup.on_report(self.report_r)
-        self.reap_children()
+        self.reap_children()  # a worker that was not ready has its reports read there first
 
     def handle_sigterm(self) -> None:
         self._stop_or_force("SIGTERM")
@@ -407,8 +399,8 @@ class Master:
         if w is None:
             self.leftovers.reaped(pid, status)
             return
-        if not w.ready:  # what it reported before its exit is there by now: read it first (it
-            self.startup.on_ready_pipe(self.ready_r)  # may have exited after handle_sigchld read)
+        if not w.ready:  # what it reported before its exit ("R", or setup's traceback) is there
+            self.startup.on_ready_pipe(self.ready_r)  # by now: read it before judging the exit
             self.startup.on_report(self.report_r)
         del self.pool.by_pid[pid]
         self.life.on_exit(w, status)
