@@ -191,7 +191,11 @@ def test_stop_and_status_send_their_request_before_any_heavy_import(inst, args):
 
 @pytest.mark.parametrize("argv", [["stop"], ["stop", "--name", "a"], ["stop", "--name=a", "--timeout", "5"],
                                   ["stop", "-c", "f.toml"], ["status", "--json"],
-                                  ["status", "--name", "a", "--json"]])
+                                  ["status", "--name", "a", "--json"],
+                                  ["start", "jobs.py:work", "-n", "4", "--name", "a", "-d"],
+                                  ["start", "-c", "f.toml", "-d", "--log-file", "/tmp/a.log"],
+                                  ["start", "m:f", "--workers=2", "--graceful-timeout", "5",
+                                   "--log-level", "debug", "--metrics", "127.0.0.1:9100"]])
 def test_the_forms_scripts_run_are_plain(argv):
     assert cli.plain_arguments(argv) is not None
 
@@ -199,14 +203,19 @@ def test_the_forms_scripts_run_are_plain(argv):
 PLAIN_WORDS = ["--name", "--name=a", "a", "b.c", "--timeout", "--timeout=2", "2.5", "-1", "nan", "1_0",
                " 3", "--json", "--json=1", "-c", "--config", "--config=f.toml", "-cf.toml", "-c=f",
                "--", "-h", "--help", "--nam", "--time", "", "=", "--name=", "-n", "x y"]
+START_WORDS = ["m.py:f", "-n", "--workers", "--workers=3", "4", "-d", "--daemon", "--daemon=1", "-dn",
+               "--log-file", "--log-file=/x", "--graceful-timeout", "--graceful-timeout=inf",
+               "--log-level", "--log-level=warning", "info", "Debug", "bogus", "--metrics", ":9100",
+               "--metrics=", "-n3"]
 
 
-@settings(max_examples=600, deadline=None)
-@given(st.sampled_from(["stop", "status"]), st.lists(st.sampled_from(PLAIN_WORDS), max_size=5))
+@settings(max_examples=900, deadline=None)
+@given(st.sampled_from(["start", "stop", "status"]), st.lists(st.sampled_from(PLAIN_WORDS + START_WORDS),
+                                                             max_size=6))
 def test_plain_forms_read_as_argparse_reads_them(command, words):
-    """cli.plain_arguments reads stop's and status's plain forms without argparse: where it
-    answers, argparse gives the same arguments; anything argparse refuses or answers with
-    help goes to argparse."""
+    """cli.plain_arguments reads the plain forms of start, stop and status without argparse:
+    where it answers, argparse gives the same arguments; anything argparse refuses or answers
+    with help goes to argparse."""
     from tprocess.arguments import parse
 
     plain = cli.plain_arguments([command, *words])
@@ -217,6 +226,16 @@ def test_plain_forms_read_as_argparse_reads_them(command, words):
         return
     if plain is not None:  # repr: a --timeout of nan is read alike, though nan != nan
         assert {k: repr(v) for k, v in vars(plain).items()} == {k: repr(v) for k, v in expected.items()}
+
+
+def test_plain_start_reads_the_common_forms_fully():
+    """The plain reader answers for start's usual command lines, with argparse's values."""
+    args = cli.plain_arguments(["start", "m:f", "-n", "3", "--log-level", "warning", "-d"])
+    assert args is not None
+    assert (args.task, args.workers, args.log_level, args.daemon, args.name, args.config_file) == \
+        ("m:f", 3, "WARNING", True, None, None)
+    assert cli.plain_arguments(["start", "m:f", "other:g"]) is None  # two positionals: argparse's error
+    assert cli.plain_arguments(["start", "m:f", "--log-level", "loud"]) is None
 
 
 # inspect's own imports (dataclasses imports inspect, which stands in sys.modules until used)

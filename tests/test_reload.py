@@ -301,6 +301,28 @@ def test_reload_of_an_instance_not_running_is_an_error(inst):
     assert result.stderr.strip() == f"tprocess: error: tprocess {inst.name!r} is not running"
 
 
+def test_only_the_users_own_modules_are_reloaded(tmp_path):
+    """What a reload imports afresh: the task's file and the modules of its folder, never the
+    standard library (pure or compiled) nor installed packages, nor tprocess."""
+    import sys
+
+    from tprocess import loader
+    from tprocess.supervisor import one_task_config
+
+    (tmp_path / "helper_for_reload_test.py").write_text("VALUE = 1\n")
+    (tmp_path / "jobs.py").write_text("import bz2, colorsys, helper_for_reload_test, tprocess.aio\n"
+                                      "def work(ctx):\n    pass\n")
+    config = one_task_config("t", "jobs.py:work", 1)
+    config.base_dir = str(tmp_path)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        loader.resolve_config(config)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert "helper_for_reload_test" in loader._user_modules
+    assert {"bz2", "_bz2", "colorsys", "tprocess.aio", "tprocess"}.isdisjoint(loader._user_modules)
+
+
 @pytest.mark.timeout(60)
 def test_stop_during_a_roll_ends_it_and_stops_everything(inst):
     inst.write("jobs.py", JOBS)

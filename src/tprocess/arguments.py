@@ -1,6 +1,6 @@
 """The command line's grammar: one argparse parser per command.
 
-`tprocess stop` and `tprocess status` in their plain forms never come here (cli.py reads
+`tprocess start`, `stop` and `status` in their plain forms never come here (cli.py reads
 them directly: argparse and the `re` and `enum` it imports are ~7 ms of a `stop`); this
 module answers everything else, and every mistake, --help and --version.
 """
@@ -12,7 +12,7 @@ import os
 import sys
 
 from .checks import DEFAULT_NAME
-from .cli import COMMANDS, EXIT_USAGE, LOG_LEVELS, VERSION, UserError
+from .cli import COMMANDS, EXIT_USAGE, LOG_LEVELS, VERSION, UserError, log_level
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -187,6 +187,7 @@ def _seconds(text: str) -> float:
 
 
 def _log_level(text: str) -> str:
-    if text.upper() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
-    return text.upper()
+    try:
+        return log_level(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}") from None

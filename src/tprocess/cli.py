@@ -5,8 +5,8 @@ to kill a worker mid-task, the instance is not running for logs/reload/scale, a
 reload or scale failed); 2 a usage or configuration mistake; 3 `status` of an
 instance that is not running (the LSB convention).
 
-The grammar is argparse's (arguments.py), except for the plain forms of `stop` and
-`status`, read here; every import off the path of stop/status/scale/reload is lazy:
+The grammar is argparse's (arguments.py), except for the plain forms of `start`, `stop`
+and `status`, read here; every import off the path of stop/status/scale/reload is lazy:
 these commands answer within a few milliseconds of a bare interpreter.
 """
 
@@ -90,22 +90,43 @@ def run(argv: list[str]) -> int:
 
 
 # The plain forms of the commands that scripts, monitors and deploys run most, read without
-# argparse (with the `re` and `enum` it imports, ~7 ms of each `stop`): per command, the
-# options that take a value and the switches (flag -> attribute). Any other word (another
-# option, a positional, -h, a missing value, a malformed number) goes to argparse, which
+# argparse (with the `re` and `enum` it imports, ~7 ms of each `stop`; in `start`, ~0.4 MiB
+# that the master and every worker would inherit): per command, the options that take a value,
+# the switches (flag -> attribute) and the positional's attribute. Any other word (another
+# option, a second positional, -h, a missing value, a malformed number) goes to argparse, which
 # answers as for any command; test_cli checks that both read every argv alike.
-PLAIN_FORMS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "stop": ({"--name": "name", "-c": "config_file", "--config": "config_file", "--timeout": "timeout"}, {}),
-    "status": ({"--name": "name", "-c": "config_file", "--config": "config_file"}, {"--json": "as_json"}),
+INSTANCE_OPTIONS = {"--name": "name", "-c": "config_file", "--config": "config_file"}
+PLAIN_FORMS: dict[str, tuple[dict[str, str], dict[str, str], str | None]] = {
+    "stop": (INSTANCE_OPTIONS | {"--timeout": "timeout"}, {}, None),
+    "status": (INSTANCE_OPTIONS, {"--json": "as_json"}, None),
+    "start": (INSTANCE_OPTIONS | {"-n": "workers", "--workers": "workers", "--log-file": "log_file",
+                                  "--graceful-timeout": "graceful_timeout", "--log-level": "log_level",
+                                  "--metrics": "metrics"},
+              {"-d": "daemon", "--daemon": "daemon"}, "task"),
 }
+PLAIN_DEFAULTS = {"log_level": "INFO"}
+
+
+def log_level(text: str) -> str:
+    """--log-level's value, in capitals; ValueError if it is not one of LOG_LEVELS."""
+    if text.upper() not in LOG_LEVELS:
+        raise ValueError(text)
+    return text.upper()
+
+
+PLAIN_TYPES: dict[str, Callable[[str], Any]] = {
+    "timeout": float, "graceful_timeout": float, "workers": int, "log_level": log_level}
 
 
 def plain_arguments(argv: list[str]) -> types.SimpleNamespace | None:
     """argv's arguments if it is a plain form of its command, else None (argparse decides)."""
     if argv[0] not in PLAIN_FORMS:
         return None
-    takes_value, switches = PLAIN_FORMS[argv[0]]
+    takes_value, switches, positional = PLAIN_FORMS[argv[0]]
     args: dict[str, Any] = dict.fromkeys(takes_value.values()) | dict.fromkeys(switches.values(), False)
+    if positional:
+        args[positional] = None
+    args |= {key: value for key, value in PLAIN_DEFAULTS.items() if key in args}
     words = iter(argv[1:])
     for word in words:
         flag, equals, value = word.partition("=") if word.startswith("--") else (word, "", "")
@@ -113,12 +134,15 @@ def plain_arguments(argv: list[str]) -> types.SimpleNamespace | None:
             value = value if equals else next(words, None)  # the next word, whatever it is
             if value is None or value == "--":  # argparse would read "--" as no value at all
                 return None
+            attribute = takes_value[flag]
             try:  # each one, as argparse does: a malformed one is a mistake even if given again
-                args[takes_value[flag]] = float(value) if flag == "--timeout" else value
+                args[attribute] = PLAIN_TYPES.get(attribute, str)(value)
             except ValueError:
                 return None
         elif word in switches:
             args[switches[word]] = True
+        elif positional and not word.startswith("-") and args[positional] is None:
+            args[positional] = word
         else:
             return None
     return types.SimpleNamespace(run=COMMANDS[argv[0]][1], **args)
