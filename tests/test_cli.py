@@ -239,15 +239,18 @@ def test_plain_start_reads_the_common_forms_fully():
 
 
 # inspect's own imports (dataclasses imports inspect, which stands in sys.modules until used)
-NOT_IN_THE_MASTER = ("threading", "logging", "setproctitle", "typing", "ast", "dis", "tokenize", "traceback")
+NOT_IN_THE_MASTER = ("threading", "logging", "setproctitle", "typing", "ast", "dis", "tokenize", "traceback",
+                     "argparse", "gettext", "socket", "sysconfig")
 
 
 def test_workers_inherit_no_threading_or_logging_from_the_master(inst):
     """A worker is a fork of the master: what the master imported is in every worker. The
     standard logging (through setproctitle's package too) brings threading, whose at-fork
     handler makes each new worker copy ~90 more of the master's pages (bench/child_cost.py);
-    inspect (with ast, dis, tokenize) is ~1.3 MiB of the master and ~9 ms of `start`. A task
-    that uses inspect still gets the real one."""
+    inspect (with ast, dis, tokenize) is ~1.3 MiB of the master and ~9 ms of `start`;
+    argparse with gettext ~0.4 MiB, socket.py's enums ~0.2, sysconfig ~0.26 (a plain
+    `start` reads its arguments without argparse). A task that uses inspect still gets the
+    real one."""
     seen = inst.dir / "modules.txt"
     inst.write("jobs.py", "import sys\n"
                "def work(ctx, retries=3):\n"

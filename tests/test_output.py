@@ -390,3 +390,31 @@ def test_a_killed_output_process_is_replaced_and_so_are_the_workers_it_read(inst
     result = inst.stop()
     assert result.returncode == 0, (result.stdout, result.stderr)
     assert not instance_procs(inst.name)
+
+
+def test_descriptors_pass_to_the_output_process_intact():
+    """collector's send_fds/receive_fds (SCM_RIGHTS on the C socket type, without socket.py):
+    each descriptor arrives, in order, as a new one reading the same pipe."""
+    import _socket
+
+    from tprocess.collector import FDS_MAX, receive_fds, send_fds
+
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
+    pipes = [os.pipe() for _ in range(FDS_MAX)]
+    try:
+        send_fds(ours, b"W batch", [r for r, _ in pipes])
+        data, fds = receive_fds(theirs, 1024, FDS_MAX)
+        assert data == b"W batch" and len(fds) == FDS_MAX
+        assert not {r for r, _ in pipes} & set(fds)  # new descriptors, the senders' still open
+        for i, (fd, (_, w)) in enumerate(zip(fds, pipes, strict=True)):
+            os.write(w, b"%d" % i)
+            assert os.read(fd, 16) == b"%d" % i
+            os.close(fd)
+        ours.send(b"L no descriptors")
+        assert receive_fds(theirs, 1024, FDS_MAX) == (b"L no descriptors", [])
+    finally:
+        for r, w in pipes:
+            os.close(r)
+            os.close(w)
+        ours.close()
+        theirs.close()

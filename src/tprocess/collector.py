@@ -31,10 +31,11 @@ reason `output`): nothing reads their pipes any more.
 from __future__ import annotations
 
 import _signal
+import _socket  # not socket.py (its enums: ~0.2 MiB in the master and every worker)
 import os
 import select
 import selectors
-import socket
+import sys
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -45,6 +46,7 @@ from .logs import log
 MESSAGE_MAX = 65536  # bytes of one message on the socket
 RECORD_MAX = 16384  # log text goes in records of at most this many bytes
 FDS_MAX = 250  # descriptors in one message (the kernel takes up to 253)
+FD_SIZE = 4  # bytes of a descriptor (a C int) in SCM_RIGHTS data
 MESSAGES_PER_TURN = 64  # the master's messages handled before the pipes get their turn
 OUTBOX_MAX = 10_000  # messages waiting for a stalled output process; past it, lines are dropped
 STOP_GRACE = 5.0  # seconds the output process gets to drain every pipe at the end of a stop
@@ -63,7 +65,7 @@ class OutputProcess:
         self.blocked = tuple(blocked)
         self.selector = selector
         self.pid = 0
-        self.sock: socket.socket | None = None
+        self.sock: _socket.socket | None = None
         self.pending = bytearray()  # records not sent yet
         self.pending_fds: list[int] = []  # their descriptors, in order
         self.outbox: deque[tuple[bytes, list[int]]] = deque()  # messages waiting for room
@@ -82,7 +84,7 @@ class OutputProcess:
 
     def start(self) -> bool:
         """Fork the process; until it runs the master writes its own lines."""
-        master_end, own_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        master_end, own_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, self.blocked)
         try:
             pid = os.fork()
@@ -173,12 +175,12 @@ class OutputProcess:
     def _send_now(self, data: bytes, fds: list[int]) -> None:
         assert self.sock is not None
         if fds:
-            socket.send_fds(self.sock, [data], fds)
+            send_fds(self.sock, data, fds)
             output.close_fds(fds)
         else:
             self.sock.send(data)
 
-    def _flush_outbox(self, sock: socket.socket) -> None:
+    def _flush_outbox(self, sock: _socket.socket) -> None:
         """The socket has room again: send what waits, oldest first."""
         while self.outbox:
             data, fds = self.outbox[0]
@@ -257,10 +259,27 @@ class OutputProcess:
             signal_child(self.pid, _signal.SIGKILL)
 
 
+def send_fds(sock: _socket.socket, data: bytes, fds: list[int]) -> None:
+    """One message carrying descriptors (SCM_RIGHTS), as socket.send_fds sends it."""
+    rights = b"".join(fd.to_bytes(FD_SIZE, sys.byteorder) for fd in fds)
+    sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
+
+
+def receive_fds(sock: _socket.socket, size: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """One message and the descriptors it carries, as socket.recv_fds reads them."""
+    data, ancillary, _, _ = sock.recvmsg(size, _socket.CMSG_LEN(max_fds * FD_SIZE))
+    fds = []
+    for level, kind, rights in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            fds += [int.from_bytes(rights[at:at + FD_SIZE], sys.byteorder)
+                    for at in range(0, len(rights) - FD_SIZE + 1, FD_SIZE)]
+    return data, fds
+
+
 # --- the output process -------------------------------------------------------------------------
 
 
-def _become_output_process(title: str, sock: socket.socket, keep_fd: int, blocked: Sequence[int],
+def _become_output_process(title: str, sock: _socket.socket, keep_fd: int, blocked: Sequence[int],
                            ring: logs.Ring) -> None:
     """In the child: the master's descriptors closed, its signals ignored; never returns."""
     code = 1
@@ -293,7 +312,7 @@ def _close_all_but(keep: set[int]) -> None:
 class _Server:
     """The output process's loop: the master's messages first, then one read per pipe."""
 
-    def __init__(self, sock: socket.socket, ring: logs.Ring) -> None:
+    def __init__(self, sock: _socket.socket, ring: logs.Ring) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.ring = ring
@@ -323,7 +342,7 @@ class _Server:
     def _on_messages(self) -> None:
         for _ in range(MESSAGES_PER_TURN):
             try:
-                data, fds, _, _ = socket.recv_fds(self.sock, MESSAGE_MAX, FDS_MAX)
+                data, fds = receive_fds(self.sock, MESSAGE_MAX, FDS_MAX)
             except BlockingIOError:
                 return
             except OSError:

@@ -8,7 +8,6 @@ stop/reload/scale once they are done (the connection waits in the meantime).
 from __future__ import annotations
 
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from .slots import BUSY, DURATION_BOUNDS, DURATION_SUM, IDLE, STATE_NAMES, TASK_
 
 TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotations only
 if TYPE_CHECKING:
+    import _socket
     from typing import Any
 
     from .master import Master
@@ -47,7 +47,7 @@ class StopReport:
 class Commands:
     def __init__(self, master: Master) -> None:
         self.m = master
-        self.stop_waiters: list[socket.socket] = []
+        self.stop_waiters: list[_socket.socket] = []
 
     def handlers(self) -> dict[str, control.Handler]:
         return {"status": self.serve_status, "stop": self.serve_stop,
@@ -63,7 +63,7 @@ class Commands:
 
     # --- stop ----------------------------------------------------------------------------
 
-    def serve_stop(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def serve_stop(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         """Answered in answer_stop_waiters, once every worker is gone."""
         self.stop_waiters.append(conn)
         self.m.begin_stop("stop command", _timeout_of(request))
@@ -79,10 +79,10 @@ class Commands:
 
     # --- reload --------------------------------------------------------------------------
 
-    def serve_reload(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def serve_reload(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         self.reload(conn, "reload command")
 
-    def reload(self, conn: socket.socket | None, why: str) -> None:
+    def reload(self, conn: _socket.socket | None, why: str) -> None:
         """Load the config and code afresh, then roll the workers over to them."""
         m = self.m
         refusal = self._busy_refusal()
@@ -111,7 +111,7 @@ class Commands:
 
     # --- scale ---------------------------------------------------------------------------
 
-    def serve_scale(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def serve_scale(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         refusal = self._busy_refusal()
         if refusal:
             _answer_error(conn, refusal, 1)
@@ -165,7 +165,7 @@ class Commands:
 
     # --- status --------------------------------------------------------------------------
 
-    def serve_status(self, conn: socket.socket, request: dict[str, Any]) -> None:
+    def serve_status(self, conn: _socket.socket, request: dict[str, Any]) -> None:
         control.reply(conn, self.status(request))
 
     def status(self, request: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -270,7 +270,7 @@ def _rate(samples: Any, now: float, tasks: int) -> tuple[float | None, float]:
     return max(0, tasks - before) / window, window
 
 
-def _answer_error(conn: socket.socket | None, message: str, code: int) -> None:
+def _answer_error(conn: _socket.socket | None, message: str, code: int) -> None:
     if conn is not None:
         control.reply(conn, {"error": message, "code": code})
 

@@ -20,11 +20,10 @@ import sys
 TYPE_CHECKING = False  # typing costs milliseconds on every `stop` and `status`
 if TYPE_CHECKING:
     import selectors
-    import socket
     from collections.abc import Callable
     from typing import Any
 
-    Handler = Callable[[socket.socket, dict[str, Any]], None]
+    Handler = Callable[[_socket.socket, dict[str, Any]], None]
 
 MAX_REQUEST = 4096
 REQUEST_TIMEOUT = 5.0  # seconds a client may take to send its request
@@ -45,15 +44,13 @@ def address(name: str) -> str:
     return f"\0tprocess:{os.getuid()}:{name}"
 
 
-def bind(name: str) -> socket.socket:
+def bind(name: str) -> _socket.socket:
     """Take the instance's lock by binding its socket; raise AlreadyRunning.
 
     Binding alone holds the name; the master calls listen() once it runs, so that
     SO_PEERCRED names the master and not the command that detached it.
     """
-    import socket  # the master's end: `start` imports it anyway
-
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     try:
         sock.bind(address(name))
     except OSError as exc:
@@ -64,7 +61,7 @@ def bind(name: str) -> socket.socket:
     return sock
 
 
-def listen(sock: socket.socket) -> None:
+def listen(sock: _socket.socket) -> None:
     """Called by the master itself: SO_PEERCRED names the process that listened."""
     sock.listen(128)
     sock.setblocking(False)
@@ -78,15 +75,15 @@ def _holder_pid(name: str) -> int | None:
         return None
 
 
-def peer_pid(sock: socket.socket | Connection) -> int:
+def peer_pid(sock: _socket.socket | Connection) -> int:
     return _peer_credentials(sock)[0]
 
 
-def peer_uid(sock: socket.socket | Connection) -> int:
+def peer_uid(sock: _socket.socket | Connection) -> int:
     return _peer_credentials(sock)[1]
 
 
-def _peer_credentials(sock: socket.socket | Connection) -> tuple[int, int]:
+def _peer_credentials(sock: _socket.socket | Connection) -> tuple[int, int]:
     """(pid, uid) of the process at the other end: SO_PEERCRED's struct ucred (three ints)."""
     creds = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
     return (int.from_bytes(creds[0:4], sys.byteorder, signed=True),
@@ -96,8 +93,9 @@ def _peer_credentials(sock: socket.socket | Connection) -> tuple[int, int]:
 class Connection(_socket.socket):
     """A client's connection: the C socket type, which `with` closes.
 
-    Not socket.socket: importing socket.py builds its enums (with `enum`, ~7 ms of each
-    `stop` and `status`, issue 8), and a client uses none of what it adds."""
+    Not socket.socket, here nor in the master: importing socket.py builds its enums (with
+    `enum`, ~7 ms of each `stop` and `status`; ~0.2 MiB of the master that every worker
+    inherits: issue 8), and neither side uses what it adds."""
 
     def __enter__(self) -> Connection:
         return self
@@ -120,7 +118,7 @@ def connect(name: str, timeout: float = 5.0) -> Connection:
     return sock
 
 
-def send(sock: socket.socket | Connection, message: dict[str, Any]) -> None:
+def send(sock: _socket.socket | Connection, message: dict[str, Any]) -> None:
     sock.sendall(encode(message))
 
 
@@ -155,7 +153,7 @@ def _plain_string(text: str) -> bool:
     return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
 
 
-def receive(sock: socket.socket) -> dict[str, Any]:
+def receive(sock: _socket.socket) -> dict[str, Any]:
     """Read one JSON reply until the master closes the connection."""
     chunks = []
     while True:
@@ -178,7 +176,7 @@ def request(name: str, message: dict[str, Any], timeout: float = 5.0) -> tuple[i
         return pid, receive(sock)
 
 
-def trusted(sock: socket.socket) -> bool:
+def trusted(sock: _socket.socket) -> bool:
     """Serve only our own user, or root."""
     return peer_uid(sock) in (os.getuid(), 0)
 
@@ -193,21 +191,21 @@ class Server:
     later (a stop is answered once the instance has stopped).
     """
 
-    def __init__(self, listener: socket.socket, selector: selectors.BaseSelector,
+    def __init__(self, listener: _socket.socket, selector: selectors.BaseSelector,
                  handlers: dict[str, Handler], call_later: Callable[..., Any]) -> None:
         self.selector = selector
         self.handlers = handlers
         self.call_later = call_later
-        self.pending: dict[socket.socket, bytes] = {}  # requests still arriving, oldest first
-        self.expiry: dict[socket.socket, Any] = {}  # their time-outs, cancelled once answered
+        self.pending: dict[_socket.socket, bytes] = {}  # requests still arriving, oldest first
+        self.expiry: dict[_socket.socket, Any] = {}  # their time-outs, cancelled once answered
         from selectors import EVENT_READ  # here: only the master serves, and a client need not import it
 
         self.readable = EVENT_READ
         selector.register(listener, EVENT_READ, self._on_accept)
 
-    def _on_accept(self, listener: socket.socket) -> None:
+    def _on_accept(self, listener: _socket.socket) -> None:
         try:
-            conn, _ = listener.accept()
+            conn = accept(listener)
         except BlockingIOError:
             return
         if not trusted(conn):
@@ -220,21 +218,21 @@ class Server:
         self.selector.register(conn, self.readable, self._on_readable)
         self.expiry[conn] = self.call_later(REQUEST_TIMEOUT, self._expire, conn)
 
-    def _expire(self, conn: socket.socket) -> None:
+    def _expire(self, conn: _socket.socket) -> None:
         if conn in self.pending:
             self._drop(conn)
 
-    def _drop(self, conn: socket.socket) -> None:
+    def _drop(self, conn: _socket.socket) -> None:
         self._forget(conn)
         conn.close()
 
-    def _forget(self, conn: socket.socket) -> None:
+    def _forget(self, conn: _socket.socket) -> None:
         """No longer waiting for this request: an idle master must not wake for its time-out."""
         del self.pending[conn]
         self.expiry.pop(conn).cancel()
         self.selector.unregister(conn)
 
-    def _on_readable(self, conn: socket.socket) -> None:
+    def _on_readable(self, conn: _socket.socket) -> None:
         try:
             data = conn.recv(MAX_REQUEST)
         except BlockingIOError:
@@ -251,7 +249,7 @@ class Server:
         self._forget(conn)
         self._dispatch(conn, buffered.split(b"\n", 1)[0])
 
-    def _dispatch(self, conn: socket.socket, line: bytes) -> None:
+    def _dispatch(self, conn: _socket.socket, line: bytes) -> None:
         try:
             import json
 
@@ -266,7 +264,14 @@ class Server:
             handler(conn, request)
 
 
-def reply(conn: socket.socket, message: dict[str, Any]) -> None:
+def accept(listener: _socket.socket) -> _socket.socket:
+    """A new connection (close-on-exec), as _socket.socket.accept makes it from the C type's
+    own `_accept`, which returns the descriptor."""
+    fd, _ = listener._accept()  # type: ignore[attr-defined]
+    return _socket.socket(fileno=fd)
+
+
+def reply(conn: _socket.socket, message: dict[str, Any]) -> None:
     """Answer and close; a client that went away is not our problem."""
     try:
         conn.settimeout(2.0)

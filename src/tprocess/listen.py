@@ -11,7 +11,6 @@ importlib only, and the master never imports it.
 from __future__ import annotations
 
 import re
-import socket
 
 from .config import ConfigError, _show
 
@@ -80,6 +79,8 @@ def check_installed() -> None:
 def check_can_listen(host: str, port: int) -> None:
     """Bind and close at once, the way the HTTP server will bind: a port in use or a host
     that is not ours is one clear error before anything is forked."""
+    import socket  # here: the master imports this module, and needs none of socket.py
+
     shown = show_address(host, port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

@@ -16,11 +16,11 @@ collector.py), systemd (notify.py).
 from __future__ import annotations
 
 import _signal
+import _socket  # not socket.py: its enums are ~0.2 MiB that every worker would inherit
 import gc
 import os
 import selectors
 import signal
-import socket
 import time
 from collections.abc import Callable
 
@@ -69,7 +69,7 @@ def release_free_memory() -> None:
 
 
 class Master:
-    def __init__(self, config: Config, listener: socket.socket, notify_fd: int | None = None,
+    def __init__(self, config: Config, listener: _socket.socket, notify_fd: int | None = None,
                  detached: bool = False, log_path: str | None = None) -> None:
         self.config = config  # the current generation's; top-level settings come from it
         self.generations: dict[int, Config] = {1: config}
@@ -126,7 +126,7 @@ class Master:
 
     def _open_channels(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.report_r, self.report_w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.report_r, self.report_w = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_DGRAM)
         self.report_r.setblocking(False)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self._on_wake)
         self.selector.register(self.report_r, selectors.EVENT_READ, self.startup.on_report)

@@ -17,8 +17,8 @@ the time it names).
 
 from __future__ import annotations
 
+import _socket  # not socket.py: its enums are ~0.2 MiB of the master (issue 8)
 import os
-import socket
 import time
 from collections.abc import MutableMapping
 
@@ -35,8 +35,8 @@ class Notifier:
 
     def __init__(self, address: str, watchdog_usec: int | None = None) -> None:
         self.address = socket_address(address)
-        self.sock = socket.socket(
-            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        self.sock = _socket.socket(
+            _socket.AF_UNIX, _socket.SOCK_DGRAM | _socket.SOCK_NONBLOCK | _socket.SOCK_CLOEXEC
         )
         self._watchdog_interval = watchdog_usec / 2_000_000 if watchdog_usec else None
         self.next_watchdog: float | None = None

@@ -19,7 +19,6 @@ state goes back to the old generation and the same steps bring the old code back
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +29,7 @@ from .pool import Group, Phase, Worker
 
 TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotations only
 if TYPE_CHECKING:
+    import _socket
     from typing import Any
 
     from .master import Master
@@ -41,7 +41,7 @@ class Roll:
 
     kind: str  # "reload" or "scale"
     why: str
-    waiter: socket.socket | None
+    waiter: _socket.socket | None
     groups: list[str]
     old_generation: int
     # group -> (generation, target, removed) before the reload, for a rollback
@@ -68,7 +68,7 @@ class Roller:
 
     # --- beginning -----------------------------------------------------------------------
 
-    def begin_reload(self, config: Config, waiter: socket.socket | None, why: str) -> None:
+    def begin_reload(self, config: Config, waiter: _socket.socket | None, why: str) -> None:
         m = self.m
         old = m.generation
         m.generation = m.newest_generation = m.newest_generation + 1  # never reused, even after a rollback
@@ -88,7 +88,7 @@ class Roller:
         m.notifier.reloading(f"reloading: rolling to generation {m.generation}")
         self._begin(roll)
 
-    def begin_scale(self, g: Group, count: int, waiter: socket.socket | None, why: str) -> None:
+    def begin_scale(self, g: Group, count: int, waiter: _socket.socket | None, why: str) -> None:
         log.info("scale (%s): group %r from %d to %d workers", why, g.name, g.target, count)
         roll = Roll("scale", why, waiter, [g.name], self.m.generation, before=g.target)
         g.target = count

@@ -11,13 +11,14 @@ READY=1. Ready reports after start-up feed reloads and scale-ups (roll.py).
 from __future__ import annotations
 
 import os
-import socket
 
 from .logs import log
 from .pool import Phase, Worker
 
 TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotations only
 if TYPE_CHECKING:
+    import _socket
+
     from .master import Master
 
 
@@ -32,7 +33,7 @@ class Startup:
         self._died: set[Worker] = set()  # never got through setup
         self._partial = b""  # the ready pipe's incomplete last line
 
-    def on_report(self, sock: socket.socket) -> None:
+    def on_report(self, sock: _socket.socket) -> None:
         while True:
             try:
                 message = sock.recv(65536)

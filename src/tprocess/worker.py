@@ -14,7 +14,6 @@ import math
 import os
 import select
 import signal
-import socket
 import sys
 import time
 from bisect import bisect_left
@@ -42,6 +41,7 @@ from .slots import (
 
 TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotations only
 if TYPE_CHECKING:
+    import _socket
     from typing import Any, NoReturn
 
 # Exit codes of a worker; the master counts only failures towards backoff.
@@ -123,7 +123,7 @@ class WorkerSpec:
     setup: Callable[[Context], Any] | None
     teardown: Callable[[Context], Any] | None
     slot: Slot
-    report: socket.socket
+    report: _socket.socket
     master_pid: int
     output: output.Pipes | None = None  # their write ends become fd 1 and 2
     max_tasks: int = 0  # recycle after this many tasks (0: never)
