@@ -92,6 +92,7 @@ class Startup:
         self.answer(f"ok {m.pid}")
         if not m.stopping:
             m.notifier.ready(m.pool.summary())
+        m.control.load_codec()  # now, not in the first `stop` or `status`, nor in the first workers
 
     def died_in_setup(self, w: Worker) -> bool:
         """During start-up: True if a whole group has now failed in setup (the start is over)."""
