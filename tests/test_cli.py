@@ -244,8 +244,8 @@ def test_plain_start_reads_the_common_forms_fully():
 
 
 # inspect's own imports (dataclasses imports inspect, which stands in sys.modules until used)
-NOT_IN_THE_MASTER = ("threading", "logging", "setproctitle", "typing", "ast", "dis", "tokenize", "traceback",
-                     "argparse", "gettext", "socket", "sysconfig")
+NOT_IN_THE_WORKERS = ("threading", "logging", "setproctitle", "typing", "ast", "dis", "tokenize", "traceback",
+                      "argparse", "gettext", "socket", "sysconfig", "tprocess.roll", "tprocess.commands")
 
 
 def test_workers_inherit_no_threading_or_logging_from_the_master(inst):
@@ -254,12 +254,13 @@ def test_workers_inherit_no_threading_or_logging_from_the_master(inst):
     handler makes each new worker copy ~90 more of the master's pages (bench/child_cost.py);
     inspect (with ast, dis, tokenize) is ~1.3 MiB of the master and ~9 ms of `start`;
     argparse with gettext ~0.4 MiB, socket.py's enums ~0.2, sysconfig ~0.26 (a plain
-    `start` reads its arguments without argparse). A task that uses inspect still gets the
-    real one."""
+    `start` reads its arguments without argparse); the first workers are forked before the
+    master imports the code of stop, status, reload and scale. A task that uses inspect
+    still gets the real one."""
     seen = inst.dir / "modules.txt"
     inst.write("jobs.py", "import sys\n"
                "def work(ctx, retries=3):\n"
-               f"    loaded = [m for m in {NOT_IN_THE_MASTER!r} if m in sys.modules]\n"
+               f"    loaded = [m for m in {NOT_IN_THE_WORKERS!r} if m in sys.modules]\n"
                "    import inspect\n"
                "    loaded.append(str(inspect.signature(work)))\n"
                f"    open({str(seen)!r}, 'w').write(' '.join(loaded))\n"
