@@ -20,7 +20,7 @@ import pytest
 from chaos_support import children_of
 from helpers import TPROCESS, kill_pids, master_of, wait_for, workers_of
 
-from tprocess.fdranges import FdRanges
+from tprocess.fdranges import FdRanges, merged
 
 TASK = "def work(ctx):\n    ctx.sleep(0.2)\n"
 
@@ -128,6 +128,20 @@ def test_fd_ranges_match_a_plain_set():
             assert {fd for lo, hi in runs for fd in range(lo, hi)} == plain
             assert all(a[1] < b[0] for a, b in zip(runs, runs[1:], strict=False))  # sorted, disjoint
             assert len(ranges) == len(plain)
+
+
+def test_merged_runs_close_the_same_descriptors_in_fewer_calls():
+    """What a child closes: the master's runs and a batch's pipes, joined where they touch."""
+    rng = random.Random(11)
+    for _ in range(500):
+        starts = [rng.randrange(0, 60) for _ in range(rng.randrange(0, 12))]
+        runs = [(lo, lo + rng.randrange(1, 5)) for lo in starts]
+        joined = merged(runs)
+        covered = {fd for lo, hi in runs for fd in range(lo, hi)}
+        assert {fd for lo, hi in joined for fd in range(lo, hi)} == covered
+        assert all(a[1] < b[0] for a, b in zip(joined, joined[1:], strict=False))  # sorted, apart
+    batch = [(fd, fd + 1) for fd in range(40, 168)]  # 32 workers' 4 pipe ends, in the order opened
+    assert merged([(3, 9), (12, 13), *batch]) == [(3, 9), (12, 13), (40, 168)]
 
 
 def test_start_with_stderr_closed_puts_dev_null_there(inst):

@@ -99,3 +99,17 @@ class TrackedSelector(selectors.DefaultSelector):  # type: ignore[misc,valid-typ
 def ranges_with(ranges: list[tuple[int, int]], fds: list[int]) -> list[tuple[int, int]]:
     """`ranges` plus a few single descriptors (negative ones: none)."""
     return ranges + [(fd, fd + 1) for fd in fds if fd >= 0]
+
+
+def merged(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The same descriptors as fewer runs: overlapping and adjacent runs joined. A spawn
+    batch's pipes are consecutive numbers, 4 per worker: each child closes them with one
+    close_range(2) call instead of 128 (~0.1 ms of each child's start: issue 8)."""
+    joined: list[tuple[int, int]] = []
+    for lo, hi in sorted(runs):
+        if joined and lo <= joined[-1][1]:
+            if hi > joined[-1][1]:
+                joined[-1] = (joined[-1][0], hi)
+        else:
+            joined.append((lo, hi))
+    return joined

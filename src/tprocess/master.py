@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from . import auxiliary, collector, control, logs, notify, output, proctitle, worker
 from .config import Config, GroupConfig, worker_title
-from .fdranges import TrackedSelector, ranges_with
+from .fdranges import TrackedSelector, merged, ranges_with
 from .guards import Guards
 from .leftovers import Leftovers, become_subreaper
 from .lifecycle import Lifecycle, signal_child
@@ -334,8 +334,8 @@ class Master:
                 continue
             prepared.append((w, group, spec))
         # each child closes every pipe of the batch too: its own are on fd 1 and 2 by then
-        master_fds = self._master_only_fds() + [
-            r for _, _, spec in prepared if spec.output for r in spec.output.fd_runs()]
+        master_fds = merged(self._master_only_fds() + [
+            r for _, _, spec in prepared if spec.output for r in spec.output.fd_runs()])
         pids: list[int] = []
         error: OSError | None = None
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, HANDLED_SIGNALS)  # no enum wrapping
