@@ -63,6 +63,39 @@ def stop(inst: Instance, mode: str) -> None:
     assert not instance_procs(inst.name)
 
 
+SETUP_SAYS = """
+import sys
+
+
+def setup(ctx):
+    print(f"setup-out-{ctx.name}")
+    sys.stderr.write("".join(f"setup-err-{ctx.name}-{i}\\n" for i in range(1000)))  # ~30 kB
+
+
+def work(ctx):
+    ctx.sleep(3600)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_what_workers_write_before_the_output_process_exists_reaches_the_log(inst):
+    """The output process is forked after the first workers (it then shares more of the
+    master's memory): what they write in their setup waits in their pipes, then reaches
+    the log with their title, none of it lost."""
+    inst.write("jobs.py", SETUP_SAYS)
+    (inst.dir / "tprocess.toml").write_text(
+        f'name = "{inst.name}"\n[groups.g]\ntask = "jobs.py:work"\nsetup = "jobs.py:setup"\nworkers = 40\n')
+    inst.start("-c", str(inst.dir / "tprocess.toml"))
+    workers = inst.wait_workers(40)
+    wait_for(lambda: inst.log.read_text().count("setup-err-") >= 40 * 1000, 30, what="every setup's output")
+    lines = parse(inst.log.read_text())
+    for title in workers:
+        said = {m["message"]: m["level"] for m in lines if m["title"] == title}
+        assert said.get(f"setup-out-{title}") == "OUT", (title, said)
+        assert all(said.get(f"setup-err-{title}-{i}") == "ERR" for i in range(1000)), title
+    assert inst.stop().returncode == 0
+
+
 EVERY_KIND = '''
 import ctypes
 import os

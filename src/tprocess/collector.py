@@ -41,6 +41,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from . import logs, output, proctitle
+from .fdranges import FdRanges
 from .logs import log
 
 MESSAGE_MAX = 65536  # bytes of one message on the socket
@@ -69,6 +70,10 @@ class OutputProcess:
         self.pending = bytearray()  # records not sent yet
         self.pending_fds: list[int] = []  # their descriptors, in order
         self.outbox: deque[tuple[bytes, list[int]]] = deque()  # messages waiting for room
+        # forked after the first workers (see hold): until then their pipes' read ends are
+        # queued and held here, and every worker forked meanwhile must close them
+        self.holding = False
+        self.held = FdRanges()
         self.dropped = 0
         self.finishing = False
         self.kill_at: float | None = None
@@ -79,11 +84,26 @@ class OutputProcess:
     def running(self) -> bool:
         return self.sock is not None
 
+    @property
+    def accepting(self) -> bool:
+        """Workers forked now get output pipes: it runs, or it will be started after them."""
+        return self.sock is not None or self.holding
+
+    def hold(self) -> None:
+        """The first workers are forked before this process: it then shares the master's pages
+        as they are after all those forks, instead of keeping its own copy of every page the
+        master writes meanwhile (~0.3 MiB at N = 5: issue 8). Their pipes wait for it (a full
+        pipe makes a worker wait in its write, nothing is lost)."""
+        self.holding = True
+
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
     def start(self) -> bool:
-        """Fork the process; until it runs the master writes its own lines."""
+        """Fork the process; until it runs the master writes its own lines. What was held for
+        it is sent now; if it cannot be forked, the held pipes are closed."""
+        self.flush()  # what is queued joins what is held, in order
+        held, self.holding, self.held = self.holding, False, FdRanges()
         master_end, own_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, self.blocked)
         try:
@@ -92,6 +112,7 @@ class OutputProcess:
             _signal.pthread_sigmask(_signal.SIG_SETMASK, old_mask)
             master_end.close()
             own_end.close()
+            self._clear_outbox()
             log.error("cannot fork %s: %s; workers started meanwhile write to the master's log "
                       "unprefixed", self.title, exc.strerror)
             return False
@@ -103,6 +124,10 @@ class OutputProcess:
         self.sock, self.pid, self.finishing, self.kill_at = master_end, pid, False, None
         logs.hand_lines_to(self.send_lines)
         log.info("started %s (pid %d)", self.title, pid)
+        if held and self.outbox:
+            self._flush_outbox(master_end)
+            if self.outbox:  # the rest when the socket has room
+                self.selector.register(master_end, selectors.EVENT_WRITE, self._flush_outbox)
         return True
 
     # --- what the master sends ----------------------------------------------------------
@@ -133,9 +158,12 @@ class OutputProcess:
 
     def _queue(self, kind: bytes, body: bytes, fds: list[int] | None = None) -> None:
         fds = fds or []
-        if self.sock is None:
+        if self.sock is None and not self.holding:
             output.close_fds(fds)
             return
+        if self.sock is None:
+            for fd in fds:
+                self.held.add(fd)
         if len(self.pending) + 5 + len(body) > MESSAGE_MAX or len(self.pending_fds) + len(fds) > FDS_MAX:
             self.flush()
         self.pending += (len(body) + 1).to_bytes(4, "little") + kind + body
@@ -154,7 +182,10 @@ class OutputProcess:
     def _send(self, data: bytes, fds: list[int]) -> None:
         """Send one message, or keep it behind those waiting; its descriptors are closed here."""
         if self.sock is None:
-            output.close_fds(fds)
+            if self.holding:  # until it is forked: kept, in order
+                self.outbox.append((data, fds))
+            else:
+                output.close_fds(fds)
             return
         if not self.outbox:
             try:

@@ -183,9 +183,11 @@ class Master:
         output.prepare_for_workers()
         release_free_memory()  # so that fork() copies fewer page-table entries
         gc.freeze()  # keep the master's objects out of the workers' copied pages
-        self.output.start()
+        self.output.hold()  # forked after the first workers: see OutputProcess.hold
         log.info("starting %d workers", len(self.startup.awaiting))
         self.spawn_many(list(self.pool.all_workers()))
+        if not self.output.start():
+            self._replace_output_writers("nothing reads them")
         self._add_operations()
         if self.aux is not None:
             self.aux.start()
@@ -328,13 +330,13 @@ class Master:
             group = self.group_config(w)
             spec = self._spec(w, group)
             try:  # without an output process (it could not be forked), fd 1 and 2 are the master's
-                spec.output = output.Pipes.open() if self.output.running else None
+                spec.output = output.Pipes.open() if self.output.accepting else None
             except OSError as exc:
                 self._fork_failed(w, exc)
                 continue
             prepared.append((w, group, spec))
         # each child closes every pipe of the batch too: its own are on fd 1 and 2 by then
-        master_fds = merged(self._master_only_fds() + [
+        master_fds = merged(self._master_only_fds() + self.output.held.ranges() + [
             r for _, _, spec in prepared if spec.output for r in spec.output.fd_runs()])
         pids: list[int] = []
         error: OSError | None = None
@@ -427,10 +429,14 @@ class Master:
         at their next task boundary (nothing reads their pipes any more)."""
         if self.stopping or not self.output.start():
             return
+        self._replace_output_writers("were read by the process that died")
+
+    def _replace_output_writers(self, why: str) -> None:
+        """Replace the live workers at their next task boundary: their output pipes `why`."""
         live = [w for w in self.pool.live() if w.phase is not Phase.RETIRING and not w.ending]
         if live:
-            log.warning("replacing %d workers at their next task boundary: their output pipes "
-                        "were read by the process that died", len(live))
+            log.warning("replacing %d workers at their next task boundary: their output pipes %s",
+                        len(live), why)
         for w in live:
             w.ending = "output"
         self._signal_all([w.pid for w in live], signal.SIGTERM)
