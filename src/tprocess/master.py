@@ -183,11 +183,13 @@ class Master:
         output.prepare_for_workers()
         release_free_memory()  # so that fork() copies fewer page-table entries
         gc.freeze()  # keep the master's objects out of the workers' copied pages
-        self.output.hold()  # forked after the first workers: see OutputProcess.hold
+        self.output.hold()  # forked after the first batch of workers: see OutputProcess.hold
         log.info("starting %d workers", len(self.startup.awaiting))
-        self.spawn_many(list(self.pool.all_workers()))
+        workers = list(self.pool.all_workers())
+        self.spawn_many(workers[:SPAWN_BATCH])
         if not self.output.start():
             self._replace_output_writers("nothing reads them")
+        self.spawn_many(workers[SPAWN_BATCH:])
         self._add_operations()
         if self.aux is not None:
             self.aux.start()
