@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 DEFAULT_HOST = "127.0.0.1"
 INSTALL_HINT = "pip install 'tprocess[metrics]'"
 
-_ADDRESS_RE = re.compile(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]*)):(?P<port>[^:]*)")
-_PORT_RE = re.compile(r"[0-9]{1,6}")  # at most 6 digits: int() of a huge string is slow or refused
+# compiled on first use (re caches them): only an instance with metrics needs them
+_ADDRESS = r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]*)):(?P<port>[^:]*)"
+_PORT = r"[0-9]{1,6}"  # at most 6 digits: int() of a huge string is slow or refused
 _EXPECTED = "expected 'HOST:PORT', 'PORT', ':PORT', '[IPV6]:PORT' or a port number"
 
 
@@ -32,12 +33,12 @@ def parse_address(value: Any, where: str) -> tuple[str, int]:
         raise ConfigError(f"{where}: {_EXPECTED}, got {_show(value)}")
     if isinstance(value, int):
         return DEFAULT_HOST, _check_port(value, where)
-    if _PORT_RE.fullmatch(value):
+    if re.fullmatch(_PORT, value):
         return DEFAULT_HOST, _check_port(int(value), where)
-    found = _ADDRESS_RE.fullmatch(value)
+    found = re.fullmatch(_ADDRESS, value)
     if found is None:
         raise ConfigError(f"{where}: {_EXPECTED}, got {_show(value)}")
-    if not _PORT_RE.fullmatch(found["port"]):
+    if not re.fullmatch(_PORT, found["port"]):
         raise ConfigError(f"{where}: port {_show(found['port'])} is not a number from 1 to 65535")
     host = found["v6"] or found["host"] or DEFAULT_HOST
     if found["v6"] is not None:
