@@ -41,7 +41,6 @@ from collections import deque
 from collections.abc import Sequence
 
 from . import logs, output, proctitle
-from .fdranges import FdRanges
 from .logs import log
 
 MESSAGE_MAX = 65536  # bytes of one message on the socket
@@ -70,10 +69,7 @@ class OutputProcess:
         self.pending = bytearray()  # records not sent yet
         self.pending_fds: list[int] = []  # their descriptors, in order
         self.outbox: deque[tuple[bytes, list[int]]] = deque()  # messages waiting for room
-        # forked after the first workers (see hold): until then their pipes' read ends are
-        # queued and held here, and every worker forked meanwhile must close them
-        self.holding = False
-        self.held = FdRanges()
+        self.holding = False  # to be forked after the first workers: see hold
         self.dropped = 0
         self.finishing = False
         self.kill_at: float | None = None
@@ -99,6 +95,13 @@ class OutputProcess:
         up to (measured holding a whole start of 2,000: start +34 %, respawn there +46 %)."""
         self.holding = True
 
+    def held_fds(self) -> list[int]:
+        """The read ends queued for the process before it is forked: every worker forked
+        meanwhile must close them (at most one spawn batch's)."""
+        if self.sock is not None:
+            return []
+        return self.pending_fds + [fd for _, fds in self.outbox for fd in fds]
+
     def fileno(self) -> int:
         return self.sock.fileno() if self.sock is not None else -1
 
@@ -106,7 +109,7 @@ class OutputProcess:
         """Fork the process; until it runs the master writes its own lines. What was held for
         it is sent now; if it cannot be forked, the held pipes are closed."""
         self.flush()  # what is queued joins what is held, in order
-        held, self.holding, self.held = self.holding, False, FdRanges()
+        held, self.holding = self.holding, False
         master_end, own_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         old_mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, self.blocked)
         try:
@@ -164,9 +167,6 @@ class OutputProcess:
         if self.sock is None and not self.holding:
             output.close_fds(fds)
             return
-        if self.sock is None:
-            for fd in fds:
-                self.held.add(fd)
         if len(self.pending) + 5 + len(body) > MESSAGE_MAX or len(self.pending_fds) + len(fds) > FDS_MAX:
             self.flush()
         self.pending += (len(body) + 1).to_bytes(4, "little") + kind + body

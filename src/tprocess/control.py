@@ -295,7 +295,7 @@ class Server:
 
 
 def accept(listener: _socket.socket) -> _socket.socket:
-    """A new connection (close-on-exec), as _socket.socket.accept makes it from the C type's
+    """A new connection (close-on-exec), as socket.socket.accept makes it from the C type's
     own `_accept`, which returns the descriptor."""
     fd, _ = listener._accept()  # type: ignore[attr-defined]
     return _socket.socket(fileno=fd)
