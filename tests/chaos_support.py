@@ -147,12 +147,6 @@ def log_has_no_traceback(inst: Instance) -> None:
 # --- records --------------------------------------------------------------------------
 
 
-def read_records(path: Path) -> list[list[str]]:
-    if not path.exists():
-        return []
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
-
-
 def unfinished_tasks(records: list[list[str]]) -> dict[int, list[str]]:
     """pid -> task numbers that have a start record and no end record."""
     started, ended = defaultdict(set), defaultdict(set)

@@ -14,7 +14,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from helpers import Instance
+from helpers import Instance, appended_lines
 
 RECORD_LIB = '''
 import os
@@ -62,8 +62,7 @@ def record(*words):
 
 def word_records(inst: Instance) -> list[list[str]]:
     """The lines of records.txt (see WORD_RECORDS), split into words."""
-    path = inst.dir / "records.txt"
-    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+    return [line.split() for line in appended_lines(inst.dir / "records.txt")]
 
 
 def record_task(inst: Instance, seconds: float, filename: str = "jobs.py",
@@ -75,9 +74,7 @@ def record_task(inst: Instance, seconds: float, filename: str = "jobs.py",
 
 
 def read_records(path: Path) -> list[list[str]]:
-    if not path.exists():
-        return []
-    return [line.split() for line in path.read_text().splitlines() if line.strip()]
+    return [line.split() for line in appended_lines(path) if line.strip()]
 
 
 def records_of(path: Path, kind: str) -> list[tuple[int, int]]:

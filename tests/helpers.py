@@ -86,6 +86,17 @@ def zombie_children(pid: int) -> list[Proc]:
     return [p for p in process_table() if p.ppid == pid and p.state == "Z"]
 
 
+def appended_lines(path: Path) -> list[str]:
+    """The whole lines of a file that workers append to; a line still being written (no
+    newline yet: a reader can see part of a write that crosses a page) waits for the next
+    read. [] while the file does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return []
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
              what: str = "condition") -> T:
     """Poll until predicate returns something truthy; fail after timeout (monotonic)."""

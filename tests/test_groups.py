@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 from e2e_support import record_task, records_of, status_json, wait_started
-from helpers import gone, instance_procs, master_of, wait_for, workers_of
+from helpers import appended_lines, gone, instance_procs, master_of, wait_for, workers_of
 
 SETUP_JOBS = '''
 import os
@@ -68,9 +68,7 @@ def write_groups(inst, name: str, folder: str = "", task: str = "jobs.py:work",
 
 
 def read(records):
-    if not records.exists():
-        return []
-    return [line.split() for line in records.read_text().splitlines()]
+    return [line.split() for line in appended_lines(records)]
 
 
 def expected_titles(name: str) -> list[str]:

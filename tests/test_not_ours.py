@@ -13,7 +13,8 @@ import re
 import signal
 
 import pytest
-from chaos_support import Decoy, alive, live_workers, read_records, signal_master, status_json
+from chaos_support import Decoy, alive, live_workers, signal_master, status_json
+from e2e_support import read_records
 from helpers import instance_procs, read_proc, wait_for
 
 NOBODY = 65534

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TPROCESS, Instance, gone, instance_procs, master_of, wait_for, workers_of
+from helpers import TPROCESS, Instance, appended_lines, gone, instance_procs, master_of, wait_for, workers_of
 from queue_fixtures import RedisServer
 
 from tprocess.queue import open_broker
@@ -81,11 +81,8 @@ def enqueue(inst: Instance, broker: str, items: list[object], queue: str = "ip")
 
 
 def events(folder: Path) -> list[tuple[str, str, int, int, float]]:
-    path = folder / "events.txt"
-    if not path.exists():
-        return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in appended_lines(folder / "events.txt"):
         kind, job_id, pid, attempt, when = line.split()
         rows.append((kind, job_id, int(pid), int(attempt), float(when)))
     return rows
