@@ -22,7 +22,6 @@ from chaos_support import (
     fds_besides_worker_pipes,
     live_workers,
     log_has_no_traceback,
-    read_records,
     signal_child,
     signal_master,
     start,
@@ -31,6 +30,7 @@ from chaos_support import (
     unfinished_tasks,
     zombies_of,
 )
+from e2e_support import read_records
 from helpers import TPROCESS, instance_procs, wait_for
 
 # --- 1. worker chaos ---------------------------------------------------------------------
