@@ -16,6 +16,18 @@ from typing import Any
 
 from helpers import Instance, appended_lines
 
+# three workers of jobs.py:work; min_uptime = 0: a kill -9 from outside is not an early
+# death, so no backoff slows a test that kills many
+FAST_RESPAWN = '''
+name = "{name}"
+min_uptime = 0
+
+[groups.k]
+task = "jobs.py:work"
+workers = 3
+'''
+
+
 RECORD_LIB = '''
 import os
 import time

@@ -17,7 +17,8 @@ import signal
 import subprocess
 
 import pytest
-from chaos_support import children_of
+from chaos_support import children_of, signal_child
+from e2e_support import FAST_RESPAWN
 from helpers import TPROCESS, kill_pids, master_of, wait_for, workers_of
 
 from tprocess.fdranges import FdRanges, merged
@@ -109,6 +110,46 @@ def test_workers_hold_none_of_the_masters_descriptors_across_respawns(inst):
             assert listener not in read_ends
             continue
         assert leaked_into(proc.pid, master_links, listener, ready) == set(), proc.title
+    assert inst.stop().returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_read_ends_waiting_for_a_stalled_output_process_stay_out_of_new_workers(inst):
+    """Each new worker's read ends go to the output process in a message; while that process
+    is stalled its socket fills (a few messages: net.unix.max_dgram_qlen) and the next ones
+    wait in the master with their descriptors. Workers forked meanwhile close those too."""
+    inst.write("jobs.py", TASK)
+    inst.start("-c", str(inst.write("tprocess.toml", FAST_RESPAWN.format(name=inst.name))))
+    master = inst.master().pid
+    workers = inst.wait_workers(3)
+    reader = wait_for(lambda: next((p for p in children_of(master) if p.title == f"{inst.name}-output"
+                                    and p.state != "Z"), None), 10, what="the output process")
+    ready = ready_pipe(master)
+
+    def master_pipes() -> set[str]:
+        return {t for t in links(master).values() if t.startswith("pipe:")}
+
+    own_pipes = master_pipes()  # its wake-up and ready pipes
+    title = min(workers)
+    assert signal_child(master, reader.pid, signal.SIGSTOP)  # our own instance's, by pid
+    try:
+        waited_before_fork = False
+        for kill in range(600):  # until read ends wait in the master, then one fork more
+            waited_before_fork = waited_before_fork or bool(master_pipes() - own_pipes)
+            victim = workers[title].pid
+            kill_pids([victim])
+            workers = wait_for(lambda v=victim: (w := workers_of(inst.name, master)) and len(w) == 3
+                               and w[title].pid != v and w, 10, what=f"the replacement after kill {kill + 1}")
+            if waited_before_fork:
+                break
+        assert waited_before_fork, "the output process's socket never filled"
+        master_links = set(links(master).values())
+        listener = listener_of(inst.name)
+        for proc in workers.values():
+            assert leaked_into(proc.pid, master_links, listener, ready) == set(), proc.title
+    finally:
+        signal_child(master, reader.pid, signal.SIGCONT)
+    wait_for(lambda: master_pipes() == own_pipes, 10, what="the waiting read ends sent")
     assert inst.stop().returncode == 0
 
 

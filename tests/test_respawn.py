@@ -9,19 +9,10 @@ import signal
 import time
 
 import pytest
-from e2e_support import LOG_LINE, status_json
+from e2e_support import FAST_RESPAWN, LOG_LINE, status_json
 from helpers import instance_procs, pids, wait_for, workers_of, zombie_children
 
 SLEEPER = "def work(ctx):\n    ctx.sleep(3600)\n"
-
-FAST_RESPAWN = '''
-name = "{name}"
-min_uptime = 0
-
-[groups.k]
-task = "jobs.py:work"
-workers = 3
-'''
 
 
 @pytest.mark.timeout(90)

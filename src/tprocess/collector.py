@@ -96,10 +96,9 @@ class OutputProcess:
         self.holding = True
 
     def held_fds(self) -> list[int]:
-        """The read ends queued for the process before it is forked: every worker forked
-        meanwhile must close them (at most one spawn batch's)."""
-        if self.sock is not None:
-            return []
+        """The read ends queued for the process and not sent yet, which every worker forked
+        meanwhile must close: before it runs, one spawn batch's; while it runs, those of the
+        messages waiting for room in its socket (a stalled process stops reading)."""
         return self.pending_fds + [fd for _, fds in self.outbox for fd in fds]
 
     def fileno(self) -> int:
