@@ -161,6 +161,36 @@ def test_everything_a_worker_writes_is_prefixed_with_its_title(inst, mode):
     assert not any("\x1e" in m["message"] for m in lines), "a framed record leaked into the log"
 
 
+LINE_THEN_HALF = '''
+def work(ctx):
+    if not getattr(ctx, "said", False):
+        ctx.said = True
+        print(f"whole-line-{ctx.name}")
+        print(f"half-line-{ctx.name}", end="")
+    ctx.sleep(3600)
+'''
+
+
+@pytest.mark.timeout(60)
+def test_prints_arrive_line_by_line_without_pythonunbuffered(inst):
+    """A pipe is block-buffered by Python: the workers' stdout is made line-buffered, so a
+    whole line reaches the log at once without PYTHONUNBUFFERED (which the other tests set),
+    and a half line waits for its newline or, as here, for the worker's exit."""
+    inst.write("jobs.py", LINE_THEN_HALF)
+    result = inst.run("start", "jobs.py:work", "-n", "2", "-d", "--log-file", str(inst.log),
+                      env={"PYTHONUNBUFFERED": ""})  # empty: not set, for Python
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    workers = inst.wait_workers(2)
+    for title in workers:
+        wait_for(lambda t=title: f"whole-line-{t}" in inst.read_log(), 10, what=f"{title}'s whole line")
+    assert "half-line-" not in inst.read_log()  # still in the worker's buffer: the exit writes it
+    assert inst.stop().returncode == 0
+    said = {(m["title"], m["message"], m["level"]) for m in parse(inst.read_log())}
+    for title in workers:
+        assert (title, f"whole-line-{title}", "OUT") in said
+        assert (title, f"half-line-{title}", "OUT") in said, "the half line at exit was lost"
+
+
 HALVES = '''
 import os
 import time
