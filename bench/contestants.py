@@ -12,6 +12,7 @@ import time
 
 import procutil as pu
 import setup_env as se
+from fork_cost import VARIANTS as HELD
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(BENCH)
@@ -422,4 +423,18 @@ class TProcessBase(TProcess):
         self.version = f"{self.version} from {src}"
 
 
-ALL = [Floor, TProcess, TProcessBase, Supervisord, Circus, PM2]
+class FloorHolding(Floor):
+    """The floor whose master first imports what tprocess's master holds when it forks
+    (issue 8): the part of tprocess's distance to the floor that holding that code costs
+    every fork and exit, told apart from what tprocess does."""
+    name = "floor+imports"
+    how = ("bench/floor.py, its master importing tprocess's master modules (as "
+           "bench/fork_cost.py's `master`), then gc.collect, malloc_trim, gc.freeze")
+
+    def setup(self, log):
+        super().setup(log)
+        self.env_extra = {"BENCH_FLOOR_HOLD": ",".join(HELD["master"])}
+
+
+ALL = [Floor, FloorHolding, TProcess, TProcessBase, Supervisord, Circus, PM2]
+OPT_IN = ("base", "floor+imports")  # run only when --only names them

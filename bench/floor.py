@@ -1,7 +1,12 @@
 """The floor: a minimal os.fork pre-fork master.  Usage: floor.py FILE.py:FUNC N
 
 N children run FUNC(ctx) in a loop; SIGCHLD -> respawn; SIGTERM -> children finish
-the current task (ctx.sleep returns False at once) and exit, then the master exits."""
+the current task (ctx.sleep returns False at once) and exit, then the master exits.
+
+BENCH_FLOOR_HOLD=mod1,mod2,...: the master imports those modules first and prepares its
+memory as tprocess's master does before it forks (the bench's `floor+imports`: how much of
+tprocess's distance to the floor is the code it holds rather than what it does)."""
+import importlib
 import importlib.util
 import os
 import select
@@ -24,7 +29,20 @@ class Ctx:
         return not self.stopping
 
 
+def hold(names):
+    import ctypes
+    import gc
+
+    for name in names:
+        importlib.import_module(name)
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    gc.freeze()
+
+
 def main():
+    if os.environ.get("BENCH_FLOOR_HOLD"):
+        hold(os.environ["BENCH_FLOOR_HOLD"].split(","))
     path, _, fn = sys.argv[1].rpartition(":")
     spec = importlib.util.spec_from_file_location("bench_task", path)
     mod = importlib.util.module_from_spec(spec)

@@ -39,7 +39,8 @@ MODES = {
 }
 RES_N = 100  # N for CPU / memory / respawn / zombies
 PEERS_MAX_N = 500  # the exec'd peers take a minute or more per pool past this: floor and tprocess only
-FORKERS = ("floor", "tprocess", "base")  # measured at every N: respawn and memory (the scale figures)
+# measured at every N: respawn and memory (the scale figures)
+FORKERS = ("floor", "tprocess", "base", "floor+imports")
 SETTLE_S = 0.5  # idle time after a pool is up, before it is measured or stopped
 STOP_TIMEOUT_BUSY = 30.0
 
@@ -368,7 +369,7 @@ class Harness:
         only = set(self.args.only.split(",")) if self.args.only else None
         for cls in cs.ALL:
             c = cls()
-            if (only and c.name not in only) or (c.name == "base" and not (only and "base" in only)):
+            if (only and c.name not in only) or (c.name in cs.OPT_IN and not (only and c.name in only)):
                 continue
             t = time.monotonic()
             try:
