@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import subprocess
+import time
 
 import pytest
 from chaos_support import children_of, signal_child
@@ -116,8 +117,8 @@ def test_workers_hold_none_of_the_masters_descriptors_across_respawns(inst):
 @pytest.mark.timeout(120)
 def test_read_ends_waiting_for_a_stalled_output_process_stay_out_of_new_workers(inst):
     """Each new worker's read ends go to the output process in a message; while that process
-    is stalled its socket fills (a few messages: net.unix.max_dgram_qlen) and the next ones
-    wait in the master with their descriptors. Workers forked meanwhile close those too."""
+    is stalled its socket fills (its send buffer: ~280 respawns' messages here) and the next
+    ones wait in the master with their descriptors. Workers forked meanwhile close those too."""
     inst.write("jobs.py", TASK)
     inst.start("-c", str(inst.write("tprocess.toml", FAST_RESPAWN.format(name=inst.name))))
     master = inst.master().pid
@@ -133,16 +134,16 @@ def test_read_ends_waiting_for_a_stalled_output_process_stay_out_of_new_workers(
     title = min(workers)
     assert signal_child(master, reader.pid, signal.SIGSTOP)  # our own instance's, by pid
     try:
-        waited_before_fork = False
-        for kill in range(600):  # until read ends wait in the master, then one fork more
-            waited_before_fork = waited_before_fork or bool(master_pipes() - own_pipes)
+        waited_before_fork, kills = False, 0
+        deadline = time.monotonic() + 60
+        while not waited_before_fork:  # until read ends wait in the master, then one fork more
+            assert time.monotonic() < deadline, f"the output process's socket not full after {kills} respawns"
+            waited_before_fork = bool(master_pipes() - own_pipes)
             victim = workers[title].pid
             kill_pids([victim])
+            kills += 1
             workers = wait_for(lambda v=victim: (w := workers_of(inst.name, master)) and len(w) == 3
-                               and w[title].pid != v and w, 10, what=f"the replacement after kill {kill + 1}")
-            if waited_before_fork:
-                break
-        assert waited_before_fork, "the output process's socket never filled"
+                               and w[title].pid != v and w, 10, what=f"the replacement after kill {kills}")
         master_links = set(links(master).values())
         listener = listener_of(inst.name)
         for proc in workers.values():
