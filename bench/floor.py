@@ -30,6 +30,7 @@ class Ctx:
 
 
 def hold(names):
+    """Import `names`, then collect, trim the C heap and freeze, as tprocess's master before it forks."""
     import ctypes
     import gc
 

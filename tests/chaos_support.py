@@ -32,6 +32,12 @@ def children_of(pid: int) -> list[Proc]:
     return [p for p in map(read_proc, pids) if p is not None and p.ppid == pid]
 
 
+def output_process_of(name: str, master_pid: int) -> Proc | None:
+    """The instance's live output process (`NAME-output`, a child of its master), if one."""
+    found = [p for p in children_of(master_pid) if p.title == f"{name}-output" and p.state != "Z"]
+    return found[0] if len(found) == 1 else None
+
+
 def live_workers(name: str, master_pid: int) -> dict[str, Proc]:
     """Live children of the master titled as workers of instance `name`."""
     return {

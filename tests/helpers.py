@@ -145,9 +145,10 @@ class Instance:
         return subprocess.run(argv, cwd=self.dir, capture_output=True, text=True,
                               timeout=timeout, env=self._env(env))
 
-    def start(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    def start(self, *args: str, timeout: float = 60.0,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """start -d and require success."""
-        result = self.run("start", *args, "-d", "--log-file", str(self.log), timeout=timeout)
+        result = self.run("start", *args, "-d", "--log-file", str(self.log), timeout=timeout, env=env)
         assert result.returncode == 0, (result.stdout, result.stderr, self.read_log())
         return result
 

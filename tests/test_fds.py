@@ -18,7 +18,7 @@ import subprocess
 import time
 
 import pytest
-from chaos_support import children_of, signal_child
+from chaos_support import children_of, output_process_of, signal_child
 from e2e_support import FAST_RESPAWN
 from helpers import TPROCESS, kill_pids, master_of, wait_for, workers_of
 
@@ -99,7 +99,8 @@ def test_workers_hold_none_of_the_masters_descriptors_across_respawns(inst):
     # no worker's pipe in the master (its own: the wake-up and the ready pipe); all of them
     # in the output process
     assert sum(t.startswith("pipe:") for t in master_links) == 2, master_links
-    reader = next(p for p in children_of(master) if p.title == f"{inst.name}-output")
+    reader = output_process_of(inst.name, master)
+    assert reader is not None
     read_ends = set(links(reader.pid).values())
     for proc in workers.values():
         own = links(proc.pid)
@@ -123,8 +124,7 @@ def test_read_ends_waiting_for_a_stalled_output_process_stay_out_of_new_workers(
     inst.start("-c", str(inst.write("tprocess.toml", FAST_RESPAWN.format(name=inst.name))))
     master = inst.master().pid
     workers = inst.wait_workers(3)
-    reader = wait_for(lambda: next((p for p in children_of(master) if p.title == f"{inst.name}-output"
-                                    and p.state != "Z"), None), 10, what="the output process")
+    reader = wait_for(lambda: output_process_of(inst.name, master), 10, what="the output process")
     ready = ready_pipe(master)
 
     def master_pipes() -> set[str]:

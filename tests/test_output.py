@@ -177,9 +177,7 @@ def test_prints_arrive_line_by_line_without_pythonunbuffered(inst):
     whole line reaches the log at once without PYTHONUNBUFFERED (which the other tests set),
     and a half line waits for its newline or, as here, for the worker's exit."""
     inst.write("jobs.py", LINE_THEN_HALF)
-    result = inst.run("start", "jobs.py:work", "-n", "2", "-d", "--log-file", str(inst.log),
-                      env={"PYTHONUNBUFFERED": ""})  # empty: not set, for Python
-    assert result.returncode == 0, (result.stdout, result.stderr)
+    inst.start("jobs.py:work", "-n", "2", env={"PYTHONUNBUFFERED": ""})  # empty: not set, for Python
     workers = inst.wait_workers(2)
     for title in workers:
         wait_for(lambda t=title: f"whole-line-{t}" in inst.read_log(), 10, what=f"{title}'s whole line")
@@ -420,7 +418,7 @@ def test_a_killed_output_process_is_replaced_and_so_are_the_workers_it_read(inst
     """The read ends of the workers' pipes live in NAME-output alone (the master holds none):
     if it dies, the master starts another and replaces the workers at a task boundary, and
     their output reaches the log again."""
-    from chaos_support import assert_zombies_reaped, children_of, signal_child
+    from chaos_support import assert_zombies_reaped, output_process_of, signal_child
 
     inst.write("jobs.py", TICKS)
     inst.start("jobs.py:work", "-n", "3")
@@ -429,9 +427,8 @@ def test_a_killed_output_process_is_replaced_and_so_are_the_workers_it_read(inst
     wait_for(lambda: "OUT tick 2" in inst.read_log(), 10, what="the workers' output in the log")
 
     def output_process() -> int | None:
-        found = [p.pid for p in children_of(master.pid)
-                 if p.title == f"{inst.name}-output" and p.state != "Z"]
-        return found[0] if len(found) == 1 else None
+        reader = output_process_of(inst.name, master.pid)
+        return reader.pid if reader else None
 
     old = wait_for(output_process, 5, what="the output process")
     assert signal_child(master.pid, old, signal.SIGKILL)  # our own instance's, by pid

@@ -141,8 +141,8 @@ class Master:
     def _add_operations(self) -> None:
         """Stop, status, reload and scale: their code is imported once the first workers are
         forked, so that those do not carry it (~0.25 MiB, and their imports are off the path
-        to the first fork: issue 8). No
-        request is read before: the loop has not run yet, the listener's backlog holds them."""
+        to the first fork: issue 8). No request is read before: the loop has not run yet, the
+        listener's backlog holds them."""
         from .commands import Commands, StopReport
         from .roll import Roller
 
@@ -340,8 +340,7 @@ class Master:
                 continue
             prepared.append((w, group, spec))
         # each child closes every pipe of the batch too: its own are on fd 1 and 2 by then
-        held = [(fd, fd + 1) for fd in self.output.held_fds()]
-        master_fds = merged(self._master_only_fds() + held + [
+        master_fds = merged(ranges_with(self._master_only_fds(), self.output.held_fds()) + [
             r for _, _, spec in prepared if spec.output for r in spec.output.fd_runs()])
         pids: list[int] = []
         error: OSError | None = None
