@@ -179,6 +179,15 @@ class Instance:
     def read_log(self) -> str:
         return self.log.read_text() if self.log.exists() else ""
 
+    def wait_log(self, *texts: str, timeout: float = 10.0) -> str:
+        """The log once it holds every one of texts: the master's lines reach it through the
+        output process, a moment after what they tell about (a replacement may already run)."""
+        def holds() -> str | None:
+            log = self.read_log()
+            return log if all(text in log for text in texts) else None
+
+        return wait_for(holds, timeout, what=f"{texts} in the log")
+
     def cleanup(self) -> None:
         """Kill, by pid, every process this test's instance left (unique title prefix)."""
         for proc in self.foreground:

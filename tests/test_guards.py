@@ -96,7 +96,7 @@ def work(ctx):
     setups = [r for r in records(inst) if r[0] == "setup"]
     assert len(setups) == 4, setups  # the first, then three hung ones, each killed
     assert status_json(inst)["groups"][0]["restarts"]["setup_timeout"] == 3
-    assert "still in setup after 0.3s (setup_timeout)" in inst.read_log()
+    inst.wait_log("still in setup after 0.3s (setup_timeout)")
     assert inst.stop().returncode == 0
 
 
@@ -118,7 +118,7 @@ def work(ctx):
     group = status["groups"][0]
     assert group["restarts"]["max_tasks"] >= 4 and group["restarts"]["crash"] == 0
     assert all(w["failures"] == 0 for w in status["workers"])
-    assert "recycles itself after 5 tasks (max_tasks)" in inst.read_log()
+    inst.wait_log("recycles itself after 5 tasks (max_tasks)")
 
 
 @pytest.mark.timeout(60)
@@ -137,7 +137,7 @@ def work(ctx):
     assert status["failures"] == 0 and status["state"] != "failed"
     leaked = max(int(r[2]) for r in records(inst))
     assert 3 <= leaked <= 12, records(inst)  # it ran until past 60 MiB, not forever
-    assert "past max_memory 60.0 MiB" in inst.read_log()
+    inst.wait_log("past max_memory 60.0 MiB")
     assert inst.stop().returncode == 0
 
 

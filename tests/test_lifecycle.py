@@ -73,7 +73,7 @@ def test_respawn_after_kill_keeps_name(inst):
     new = wait_for(replaced, 10, what="the replacement of worker 1")
     assert new.ppid == master.pid
     assert inst.master().pid == master.pid
-    assert "was killed by SIGKILL" in inst.read_log()
+    inst.wait_log("was killed by SIGKILL")
     inst.stop()
 
 

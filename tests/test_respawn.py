@@ -39,9 +39,7 @@ def test_no_zombies_after_50_kills(inst):
     assert len(workers_of(inst.name, master.pid)) == 3
     assert zombie_children(master.pid) == []
     assert inst.master().pid == master.pid
-    log = inst.read_log()
-    for pid in killed:
-        assert f"(pid {pid}) was killed by SIGKILL" in log
+    inst.wait_log(*(f"(pid {pid}) was killed by SIGKILL" for pid in killed))
     data = status_json(inst)
     assert sum(w["restarts"] for w in data["workers"]) == 50
     assert inst.stop().returncode == 0
@@ -127,7 +125,7 @@ def test_crash_loop_ends_in_failed_state(inst):
 
     crash = wait_for(failed, 15, what="the crash group to be marked failed")
     assert crash["pid"] is None and crash["failures"] == 3
-    log = inst.read_log()
+    log = inst.wait_log("not restarting it")
     assert re.search(rf"{re.escape(title)} failed 3 times in a row within [\d.]+s of starting; "
                      "not restarting it", log), log
     assert len(exits_of(log, title)) == 3
@@ -170,9 +168,7 @@ def test_planned_exit_is_replaced_without_backoff(inst):
         return w if w and len(os.listdir(mark)) == 3 and str(w.pid) not in os.listdir(mark) else None
 
     w = wait_for(settled, 10, what="a worker that stays after three planned exits")
-    log = inst.read_log()
-    for pid in os.listdir(mark):
-        assert f"worker {title} (pid {pid}) exited with code 0" in log
+    log = inst.wait_log(*(f"worker {title} (pid {pid}) exited with code 0" for pid in os.listdir(mark)))
     assert "restarting" not in log  # no backoff delay was scheduled
     data = status_json(inst)
     (entry,) = data["workers"]

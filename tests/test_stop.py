@@ -139,7 +139,7 @@ def test_worker_signalled_directly_finishes_task_and_is_replaced(inst, sig):
     # the old worker finished the task it was in, and did not start another one
     assert (victim.pid, 1) in records_of(records, "end")
     assert (victim.pid, 2) not in records_of(records, "start")
-    assert f"worker {inst.name}-0 (pid {victim.pid}) exited with code 0" in inst.read_log()
+    inst.wait_log(f"worker {inst.name}-0 (pid {victim.pid}) exited with code 0")
     assert inst.master().pid == master.pid
     assert workers_of(inst.name, master.pid)[f"{inst.name}-1"].pid == workers[f"{inst.name}-1"].pid
     assert inst.stop().returncode == 0
