@@ -245,7 +245,8 @@ def test_plain_start_reads_the_common_forms_fully():
 
 # inspect's own imports (dataclasses imports inspect, which stands in sys.modules until used)
 NOT_IN_THE_WORKERS = ("threading", "logging", "setproctitle", "typing", "ast", "dis", "tokenize", "traceback",
-                      "argparse", "gettext", "socket", "sysconfig", "tprocess.roll", "tprocess.commands")
+                      "argparse", "gettext", "socket", "sysconfig", "ctypes", "tprocess.roll",
+                      "tprocess.commands")
 
 
 def test_workers_inherit_no_threading_or_logging_from_the_master(inst):
@@ -254,7 +255,8 @@ def test_workers_inherit_no_threading_or_logging_from_the_master(inst):
     handler makes each new worker copy ~90 more of the master's pages (bench/child_cost.py);
     inspect (with ast, dis, tokenize) is ~1.3 MiB of the master and ~9 ms of `start`;
     argparse with gettext ~0.4 MiB, socket.py's enums ~0.2, sysconfig ~0.26 (a plain
-    `start` reads its arguments without argparse); the first workers are forked before the
+    `start` reads its arguments without argparse), ctypes's Python layer ~0.2 (prctl and
+    malloc_trim are called through its C core: libc.py); the first workers are forked before the
     master imports the code of stop, status, reload and scale. A task that uses inspect
     still gets the real one."""
     seen = inst.dir / "modules.txt"

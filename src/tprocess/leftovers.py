@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 
-from . import worker
 from .lifecycle import describe_status, signal_child
 from .logs import log
 from .timers import Timer
@@ -17,7 +16,6 @@ TYPE_CHECKING = False  # typing costs 1.7 MiB in the master (issue 8): annotatio
 if TYPE_CHECKING:
     from .master import Master
 
-PR_SET_CHILD_SUBREAPER = 36
 GRACE = 1.0  # seconds a task's leftover child gets between SIGTERM and SIGKILL
 SWEEP_DELAY = 0.2  # seconds after a worker's exit before looking for what it left
 
@@ -73,8 +71,3 @@ def list_children(pid: int) -> list[int]:
         import psutil
 
         return [p.pid for p in psutil.Process(pid).children()]
-
-
-def become_subreaper() -> None:
-    """Adopt what tasks leave behind, so nothing the instance started outlives it."""
-    worker._libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

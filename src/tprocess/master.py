@@ -24,11 +24,11 @@ import signal
 import time
 from collections.abc import Callable
 
-from . import auxiliary, collector, control, logs, notify, output, proctitle, worker
+from . import auxiliary, collector, control, libc, logs, notify, output, proctitle, worker
 from .config import Config, GroupConfig, worker_title
 from .fdranges import TrackedSelector, merged, ranges_with
 from .guards import Guards
-from .leftovers import Leftovers, become_subreaper
+from .leftovers import Leftovers
 from .lifecycle import Lifecycle, signal_child
 from .logs import log
 from .pool import Group, Phase, Pool, Worker
@@ -58,15 +58,6 @@ def _reap_one() -> tuple[int, int] | None:
     except ChildProcessError:
         return None
     return (pid, status) if pid else None
-
-
-def release_free_memory() -> None:
-    """Give the C heap's free pages back to the system (glibc's malloc_trim). Every resident
-    page of the master is a page-table entry that each fork copies and each worker's exit
-    tears down (the top kernel function of a stop of 2,000 workers: issue 8)."""
-    trim = getattr(worker._libc, "malloc_trim", None)  # not in every C library (musl)
-    if trim is not None:
-        trim(0)
 
 
 class Master:
@@ -178,12 +169,14 @@ class Master:
         """Run until every worker has stopped; return the exit code."""
         proctitle.setproctitle(f"{self.config.name}-master")
         logs.set_title(f"{self.config.name}-master")
-        become_subreaper()
+        libc.become_subreaper()  # what tasks leave behind is ours to stop: leftovers.py
         control.listen(self.listener)
         self._open_channels()
         self._install_signals()
         output.prepare_for_workers()
-        release_free_memory()  # so that fork() copies fewer page-table entries
+        # every resident page is a page-table entry that each fork copies and each worker's
+        # exit tears down (the top kernel function of a stop of 2,000 workers: issue 8)
+        libc.release_free_memory()
         gc.freeze()  # keep the master's objects out of the workers' copied pages
         self.output.hold()  # forked after the first batch of workers: see OutputProcess.hold
         log.info("starting %d workers", len(self.startup.awaiting))

@@ -32,7 +32,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import start_http_server
 from prometheus_client.utils import floatToGoString
 
-from . import control, logs, proctitle, worker
+from . import control, libc, logs, proctitle, worker
 from .config import ConfigError
 from .listen import parse_address, show_address
 
@@ -173,7 +173,7 @@ def _become_metrics_process(name: str, parent: int) -> bool:
     proctitle.setproctitle(title)
     logs.set_title(title)
     logs.configure()
-    worker._ask_for_death_signal()  # SIGTERM when the master dies
+    libc.set_death_signal(signal.SIGTERM)  # when the master dies
     # a Ctrl-C to the foreground group, or a SIGHUP, is for the master: it stops us last
     for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
         signal.signal(sig, signal.SIG_IGN)

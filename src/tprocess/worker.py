@@ -9,7 +9,6 @@ and `ctx.sleep()` returns early so an idle worker stops at once.
 from __future__ import annotations
 
 import _signal
-import ctypes
 import math
 import os
 import select
@@ -20,7 +19,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from . import logs, output, proctitle
+from . import libc, logs, output, proctitle
 from .slots import (
     BUCKETS,
     BUSY,
@@ -52,7 +51,6 @@ EXIT_TEARDOWN_FAILED = 4  # teardown(ctx) raised
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2)
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)  # meant for the master
-PR_SET_PDEATHSIG = 1
 MAX_ERROR_DELAY = 5.0
 MEMORY_CHECK_NS = 1_000_000_000  # how often (at most) a worker with max_memory reads its RSS
 BOUNDS_NS = tuple(int(b * 1e9) for b in DURATION_BOUNDS)
@@ -178,7 +176,7 @@ def _become_worker(spec: WorkerSpec, master_fds: Iterable[tuple[int, int]]) -> C
     # SIG_IGN, so that programs a task execs get the default action back.
     _signal.signal(signal.SIGUSR1, _ignore_signal)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    _ask_for_death_signal()
+    libc.set_death_signal(signal.SIGTERM)  # the master's death asks for a stop
     _signal.pthread_sigmask(_signal.SIG_SETMASK, ())  # the master blocked all around fork
     if os.getppid() != spec.master_pid:  # the master died before prctl took effect
         ctx._request_stop()
@@ -411,13 +409,6 @@ def _report_ready(spec: WorkerSpec, pid: int) -> None:
         os.write(spec.ready_fd, b"R %d\n" % pid)  # under PIPE_BUF: never mixed with another's
     except OSError:
         pass  # the master is gone; PR_SET_PDEATHSIG has asked us to stop
-
-
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded once in the master, inherited by fork
-
-
-def _ask_for_death_signal() -> None:
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _terminate_own_children() -> None:
