@@ -2,8 +2,8 @@
 malloc_trim.
 
 Through ctypes' C core (`_ctypes`), as `ctypes.CDLL(None)` does: `ctypes` itself adds its
-Python layer (struct, the endian structures, every C type), ~1.5 ms of each `start` and
-~0.2 MiB that the master and every worker would hold (issue 8).
+Python layer (struct, the endian structures, every C type), ~1.7 ms of each `start` and
+~0.17 MiB that the master and every worker would hold (issue 8).
 """
 
 from __future__ import annotations
@@ -33,29 +33,27 @@ class _Library:
     def __init__(self) -> None:
         self._handle = _ctypes.dlopen(None, _ctypes.RTLD_LOCAL)
 
-    def function(self, name: str) -> Callable[..., int] | None:
-        """The C function `name` (int arguments, an int result), or None if there is none."""
-        try:
-            return _CFunction((name, self))  # type: ignore[no-any-return]
-        except AttributeError:  # not in this C library (malloc_trim in musl)
-            return None
+    def function(self, name: str) -> Callable[..., int]:
+        """The C function `name` (int arguments, an int result); AttributeError if there is none."""
+        return _CFunction((name, self))  # type: ignore[no-any-return]
 
 
 _process = _Library()  # opened once in the master, inherited by fork
-_prctl = _process.function("prctl")
-_malloc_trim = _process.function("malloc_trim")
+_prctl = _process.function("prctl")  # in every Linux C library
+try:
+    _malloc_trim: Callable[..., int] | None = _process.function("malloc_trim")
+except AttributeError:  # glibc's own: musl has none
+    _malloc_trim = None
 
 
 def set_death_signal(signum: int) -> None:
     """Have the kernel send `signum` to this process when its parent dies."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
+    _prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
 def become_subreaper() -> None:
     """Become the parent of orphaned descendants instead of PID 1."""
-    if _prctl is not None:
-        _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
 def release_free_memory() -> None:
